@@ -1,0 +1,198 @@
+"""Speed and memory of the segmenters: forward and forward+backward per iteration.
+
+Usage (from the repository root)::
+
+    python benchmarks/models.py                                  # mit_b0, mit_b2, resnet101 × 128/256/512
+    python benchmarks/models.py --backbones mit_b0 mit_b2 --sizes 128 256 --iters 5
+
+For every backbone × input size (× attentions requested or not, MiT only) it
+reports the **median** milliseconds per iteration after ``--warmup`` untimed
+iterations of
+
+* ``forward_ms``: eval mode, ``torch.no_grad()`` (inference);
+* ``train_ms``: train mode, forward + backward of ``logits.mean()`` (plus the
+  mean of every attention map when they are requested, so their graph is
+  exercised), gradients zeroed between iterations, no optimiser step.
+
+Memory (``*_peak_mb``):
+
+* CUDA: ``torch.cuda.max_memory_allocated`` during the phase minus the memory
+  allocated before it (weights, inputs and gradients of the previous phase excluded),
+  i.e. the activation/workspace peak of the phase;
+* CPU: every configuration runs in a fresh subprocess, and the figure is the
+  growth of the process's peak resident set size (``resource.getrusage`` max
+  RSS) over the RSS measured just before the phase. Forward runs before
+  forward+backward, so each figure is that phase's own peak. RSS includes the
+  allocator's cached pages, so it is an upper bound of the tensors' memory.
+
+Models: MiT backbones with the reference simplified head, ResNet with ASPP;
+one classifier head of 21 channels (VOC). Results are merged into
+``benchmarks/results/models-<device>.json`` (keyed by backbone, size,
+attentions, batch and AMP).
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from sats.models import ModelConfig, build_segmenter  # noqa: E402
+
+
+def current_rss_mb() -> float:
+    """Resident set size now (Linux ``/proc/self/statm``), MiB."""
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (``ru_maxrss`` is KiB on Linux), MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(backbone: str, size: int, attentions: bool, batch: int, iters: int, warmup: int, device: torch.device, amp: bool) -> dict[str, Any]:
+    """Time and memory of one configuration (see the module docstring)."""
+    torch.manual_seed(0)
+    head = "aspp" if backbone.startswith("resnet") else "simple"
+    model = build_segmenter(ModelConfig(backbone=backbone, head=head), [21]).to(device)
+    x = torch.randn(batch, 3, size, size, device=device)
+    need = {"attentions"} if attentions else set()
+    autocast = torch.autocast(device.type, dtype=torch.float16, enabled=amp)
+
+    def phase(train: bool) -> tuple[float, float]:
+        model.train(train)
+        times = []
+        sync(device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            base = current_rss_mb()
+        for i in range(warmup + iters):
+            start = time.perf_counter()
+            if train:
+                model.zero_grad(set_to_none=True)
+                with autocast:
+                    out = model(x, need=need)
+                    loss = out.logits.float().mean()
+                    if out.attentions is not None:
+                        loss = loss + sum(a.mean() for a in out.attentions)
+                loss.backward()
+            else:
+                with torch.no_grad(), autocast:
+                    model(x, need=need)
+            sync(device)
+            if i >= warmup:
+                times.append((time.perf_counter() - start) * 1000)
+        if device.type == "cuda":
+            peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        else:
+            peak = peak_rss_mb() - base
+        return statistics.median(times), peak
+
+    forward_ms, forward_peak = phase(train=False)
+    train_ms, train_peak = phase(train=True)
+    return {
+        "backbone": backbone,
+        "size": size,
+        "attentions": attentions,
+        "batch": batch,
+        "amp": amp,
+        "iters": iters,
+        "forward_ms": round(forward_ms, 2),
+        "train_ms": round(train_ms, 2),
+        "forward_peak_mb": round(forward_peak, 1),
+        "train_peak_mb": round(train_peak, 1),
+        "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+        "memory_measure": "cuda max_memory_allocated - allocated before" if device.type == "cuda" else "cpu peak RSS growth (getrusage)",
+    }
+
+
+def run_isolated(args: argparse.Namespace, backbone: str, size: int, attentions: bool) -> dict[str, Any]:
+    """`measure` in a fresh Python process (CPU: so the peak RSS belongs to this configuration only)."""
+    command = [
+        sys.executable, __file__, "--single", backbone, str(size), str(int(attentions)),
+        "--batch", str(args.batch), "--iters", str(args.iters), "--warmup", str(args.warmup),
+        "--device", args.device, "--threads", str(args.threads),
+    ] + (["--amp"] if args.amp else [])
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark of {backbone} at {size} px failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backbones", nargs="+", default=["mit_b0", "mit_b2", "resnet101"])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[128, 256, 512])
+    parser.add_argument("--attentions", choices=["both", "on", "off"], default="both", help="MiT: with/without attention maps")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=10, help="timed iterations (median reported)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--amp", action="store_true", help="float16 autocast (CUDA)")
+    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/models-<device>.json")
+    parser.add_argument("--single", nargs=3, metavar=("BACKBONE", "SIZE", "ATTN"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    if args.single:
+        backbone, size, attn = args.single
+        print(json.dumps(measure(backbone, int(size), bool(int(attn)), args.batch, args.iters, args.warmup, device, args.amp)))
+        return 0
+
+    out_path = args.out or ROOT / "benchmarks" / "results" / f"models-{device.type}.json"
+    previous = json.loads(out_path.read_text())["results"] if out_path.is_file() else []
+    results: dict[tuple, dict[str, Any]] = {(r["backbone"], r["size"], r["attentions"], r["batch"], r["amp"]): r for r in previous}
+    for backbone in args.backbones:
+        modes = [False] if backbone.startswith("resnet") else {"both": [False, True], "on": [True], "off": [False]}[args.attentions]
+        for size in args.sizes:
+            for attentions in modes:
+                if device.type == "cpu":
+                    row = run_isolated(args, backbone, size, attentions)
+                else:
+                    row = measure(backbone, size, attentions, args.batch, args.iters, args.warmup, device, args.amp)
+                results[(backbone, size, attentions, args.batch, args.amp)] = row
+                print(
+                    f"{backbone:10s} {size:4d}px attn={str(attentions):5s} batch={args.batch} "
+                    f"forward {row['forward_ms']:9.1f} ms  train {row['train_ms']:9.1f} ms  "
+                    f"peak fwd {row['forward_peak_mb']:8.1f} MiB  train {row['train_peak_mb']:8.1f} MiB",
+                    flush=True,
+                )
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    payload = {
+        "device": device.type,
+        "device_name": device_name,
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "results": sorted(results.values(), key=lambda r: (r["backbone"], r["size"], r["attentions"], r["batch"], r["amp"])),
+    }
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

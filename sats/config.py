@@ -1,0 +1,299 @@
+"""Typed experiment configuration: YAML files with ``_base_`` inheritance, dotted overrides.
+
+Every key and its default lives in one of the dataclasses below. A config file is a
+few lines over its ``_base_`` files; the merged result is validated against this
+schema, so an unknown key or a value of the wrong type is an error at start-up that
+names the key. Method hyper-parameters live in each method's own ``Params``
+dataclass (see :mod:`sats.methods.base`) and are validated the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from sats.models.config import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A configuration file, key or value is wrong; the message names it."""
+
+
+@dataclass
+class SyntheticConfig:
+    """Arguments of the embedded synthetic dataset (used when ``data.dataset == "synthetic"``)."""
+
+    num_train: int = 800
+    num_val: int = 120
+    min_size: int = 64
+    max_size: int = 112
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Dataset, task, protocol and data pipeline."""
+
+    dataset: str = "voc"  # voc | ade | folder | synthetic (VOC layout, generated on demand)
+    root: str = "data/voc"  # dataset root (VOC: folder with JPEGImages/, SegmentationClassAug/, splits/)
+    task: str = "15-5"  # task name ("15-1", "100-10", any "B-I") or "custom" with `order`
+    order: Optional[List[List[int]]] = None  # explicit class order: raw class ids per step
+    overlap: bool = True  # overlapped (True) or disjoint (False) protocol
+    reference_splits: Optional[str] = None  # folder of reference index files (<kind>-<step>.npy)
+    crop_size: int = 512  # training random-resized-crop size
+    scale_min: float = 0.5  # random resized crop: area scale range
+    scale_max: float = 2.0
+    eval_size: int = 512  # evaluation: shorter side to this, then center crop (eval_mode)
+    eval_mode: str = "center_crop"  # center_crop (reference) | full (whole image, batch 1)
+    batch_size: int = 12  # per process
+    eval_batch_size: int = 12  # per process (forced to 1 in full-image mode)
+    workers: int = 1  # data-loader workers per process
+    scan_workers: int = 2  # processes for the one-off mask scan (split computation)
+    on_error: str = "raise"  # raise | skip: what a bad image/mask does (up-front check)
+    check: bool = True  # validate every file of the used lists before training
+    cache_dir: str = ".cache/sats"  # split and threshold caches (keys include their inputs)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def __post_init__(self) -> None:
+        _choice("data.dataset", self.dataset, ("voc", "ade", "folder", "synthetic"))
+        _choice("data.eval_mode", self.eval_mode, ("center_crop", "full"))
+        _choice("data.on_error", self.on_error, ("raise", "skip"))
+        _positive("data.crop_size", self.crop_size)
+        _positive("data.batch_size", self.batch_size)
+        _positive("data.eval_batch_size", self.eval_batch_size)
+        if not 0 < self.scale_min <= self.scale_max:
+            raise ConfigError(f"data.scale_min/scale_max: need 0 < min <= max, got {self.scale_min}, {self.scale_max}")
+        if self.workers < 0:
+            raise ConfigError(f"data.workers: must be >= 0, got {self.workers}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation schedule (METHODS.md §4). Step 0 and later steps have their own lr/epochs."""
+
+    optimizer: str = "sgd"  # sgd (Nesterov, the paper) | adamw (training from scratch, the demo)
+    lr: float = 0.01  # step 0
+    lr_incremental: float = 0.001  # steps > 0
+    epochs: int = 30  # step 0
+    epochs_incremental: Optional[int] = None  # steps > 0 (None: same as epochs)
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4  # on every parameter, norms and biases included (reference)
+    poly_power: float = 0.9  # lr_i = lr_0 (1 - i / I) ** power, per iteration
+    warmup_iters: int = 0  # linear warm-up iterations (0 in the paper)
+    amp: str = "off"  # off | bf16 | fp16 (fp16 uses a GradScaler; CUDA only)
+    seed: int = 42  # reset at the start of every step and epoch
+    deterministic: bool = False  # torch.use_deterministic_algorithms
+    drop_last: bool = True
+    val_every: int = 0  # per-epoch validation every N epochs (0: off)
+    select: str = "last"  # last | best_val (the reference's selection on val, a reproduction switch)
+    on_nonfinite: str = "error"  # error | skip (skip counts and logs every skipped batch)
+    log_every: int = 10  # iterations between logged losses
+    grad_clip: float = 0.0  # max gradient norm (0: off)
+    share_step0: bool = True  # reuse a plain-CE step-0 checkpoint keyed by what determines it
+    threads: int = 0  # torch CPU threads (0: leave PyTorch's default)
+
+    def __post_init__(self) -> None:
+        _choice("train.optimizer", self.optimizer, ("sgd", "adamw"))
+        _choice("train.amp", self.amp, ("off", "bf16", "fp16"))
+        _choice("train.select", self.select, ("last", "best_val"))
+        _choice("train.on_nonfinite", self.on_nonfinite, ("error", "skip"))
+        _positive("train.epochs", self.epochs)
+        if self.epochs_incremental is not None:
+            _positive("train.epochs_incremental", self.epochs_incremental)
+        if self.lr <= 0 or self.lr_incremental <= 0:
+            raise ConfigError(f"train.lr / train.lr_incremental must be > 0, got {self.lr}, {self.lr_incremental}")
+        if self.select == "best_val" and self.val_every <= 0:
+            raise ConfigError("train.select=best_val needs train.val_every > 0")
+
+    def epochs_at(self, step: int) -> int:
+        return self.epochs if step == 0 or self.epochs_incremental is None else self.epochs_incremental
+
+    def lr_at(self, step: int) -> float:
+        return self.lr if step == 0 else self.lr_incremental
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True
+    overlay_images: int = 4  # prediction overlays written to tensorboard after each step
+    progress: bool = True  # progress bars
+
+
+@dataclass
+class ExperimentConfig:
+    """The whole experiment. ``method`` is validated by the chosen method's own Params."""
+
+    name: str = "experiment"
+    output_dir: str = "runs"  # the run directory is output_dir/name unless run_dir is given
+    run_dir: Optional[str] = None
+    device: str = "auto"  # auto | cpu | cuda
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    method: Dict[str, Any] = field(default_factory=lambda: {"name": "ft"})
+
+    def __post_init__(self) -> None:
+        _choice("device", self.device, ("auto", "cpu", "cuda"))
+
+    @property
+    def method_name(self) -> str:
+        return str(self.method.get("name", "ft")).lower()
+
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path(self.output_dir) / self.name
+
+
+def _choice(key: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key}: must be > 0, got {value}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+BASE_KEY = "_base_"
+
+# Flags of the reference code (argparse of CVPR2021_PLOP / SATS) mapped to our keys, so that
+# researchers' scripts carry over: `sats train cfg.yaml --task 15-1 --lr 0.001 --overlap`.
+REFERENCE_FLAGS: Dict[str, str] = {
+    "dataset": "data.dataset",
+    "task": "data.task",
+    "data_root": "data.root",
+    "method": "method.name",
+    "lr": "train.lr",
+    "epochs": "train.epochs",
+    "batch_size": "data.batch_size",
+    "crop_size": "data.crop_size",
+    "val_batch_size": "data.eval_batch_size",
+    "random_seed": "train.seed",
+    "name": "name",
+    "num_workers": "data.workers",
+    "weight_decay": "train.weight_decay",
+}
+REFERENCE_SWITCHES: Dict[str, str] = {"overlap": "data.overlap=true", "crop_val": "data.eval_mode=center_crop"}
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    """Read one YAML file and, recursively, its ``_base_`` files (merged in order, file last)."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: circular _base_ chain: {' -> '.join(map(str, seen + (path,)))}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    import yaml
+
+    try:
+        node = OmegaConf.load(path)
+    except (OmegaConfBaseException, yaml.YAMLError, ValueError, OSError) as exc:
+        raise ConfigError(f"{path}: cannot parse YAML: {exc}") from exc
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    bases = node.pop(BASE_KEY, None)
+    if bases is None:
+        return node
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, (list, ListConfig)):
+        raise ConfigError(f"{path}: _base_ must be a path or a list of paths")
+    merged = OmegaConf.create({})
+    for base in bases:
+        merged = OmegaConf.merge(merged, _read_yaml((path.parent / str(base)), seen + (path,)))
+    return OmegaConf.merge(merged, node)
+
+
+def parse_overrides(args: Sequence[str]) -> List[str]:
+    """Turn ``key=value`` and reference-style ``--flag value`` arguments into dotted overrides."""
+    out: List[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--"):
+            flag = arg[2:].replace("-", "_")
+            value: Optional[str] = None
+            if "=" in flag:
+                flag, value = flag.split("=", 1)
+            if flag in REFERENCE_SWITCHES and value is None:
+                out.append(REFERENCE_SWITCHES[flag])
+            elif flag in REFERENCE_FLAGS:
+                if value is None:
+                    if i + 1 >= len(args):
+                        raise ConfigError(f"--{flag} needs a value")
+                    i += 1
+                    value = args[i]
+                if flag == "method":
+                    value = value.lower()
+                out.append(f"{REFERENCE_FLAGS[flag]}={value}")
+            else:
+                known = sorted(set(REFERENCE_FLAGS) | set(REFERENCE_SWITCHES))
+                raise ConfigError(f"unknown flag --{flag}; reference flags understood: {', '.join(known)}; "
+                                  "any config key can be set as key.sub=value")
+        elif "=" in arg:
+            out.append(arg)
+        else:
+            raise ConfigError(f"cannot read argument {arg!r}: expected key=value or a reference flag")
+        i += 1
+    return out
+
+
+def build_config(node: DictConfig) -> ExperimentConfig:
+    """Validate a merged config node against the schema; unknown keys and bad values name the key."""
+    schema = OmegaConf.structured(ExperimentConfig)
+    try:
+        merged = OmegaConf.merge(schema, node)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        raise ConfigError(f"invalid config{f' key {key!r}' if key else ''}: {_first_line(exc)}") from exc
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
+    assert isinstance(cfg, ExperimentConfig)
+    from sats.methods import validate_method_config  # late import: methods import the config module
+
+    cfg.method = validate_method_config(cfg.method)
+    return cfg
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Load ``path`` (with its ``_base_`` chain), apply dotted ``overrides``, validate."""
+    node = _read_yaml(Path(path)) if path is not None else OmegaConf.create({})
+    if overrides:
+        try:
+            node = OmegaConf.merge(node, OmegaConf.from_dotlist(list(overrides)))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"bad override in {list(overrides)}: {_first_line(exc)}") from exc
+    return build_config(node)
+
+
+def config_to_dict(cfg: ExperimentConfig) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: ExperimentConfig, path: Path) -> None:
+    from sats.engine.checkpoint import write_text_atomic
+
+    write_text_atomic(path, OmegaConf.to_yaml(OmegaConf.create(config_to_dict(cfg))))
+
+
+def digest(obj: Any) -> str:
+    """Stable short hash of a JSON-able object (cache keys)."""
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -1,0 +1,470 @@
+"""The step sequence of one experiment: data → model → method → train → test → checkpoint → results.
+
+The runner is method-agnostic: it reads what a method declares (``needs``, ``uses_old_model``,
+``head_init``, ``step0``, ``joint``) and calls its hooks; it never looks at a method's name.
+
+Files of a run directory::
+
+    config.yaml            the resolved config (a resumed run must match it)
+    checkpoints/step{t}.ckpt         end-of-step model + method state (atomic, hashed)
+    checkpoints/step{t}-epoch.ckpt   last completed epoch of the step in progress (resume)
+    results.json / results.md        one row per finished step
+    tb/                    tensorboard events;  train.log  the log
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from sats.config import ConfigError, ExperimentConfig, config_to_dict, digest, save_config
+from sats.data.tasks import Task
+from sats.engine import results as results_io
+from sats.engine.checkpoint import CheckpointError, file_digest, load_checkpoint, save_checkpoint
+from sats.engine.data import ExperimentData, first_batch_images
+from sats.engine.distributed import DistInfo, barrier, init_distributed, seed_everything, set_deterministic, unwrap
+from sats.engine.evaluator import ConfusionMatrix, Metrics
+from sats.engine.optim import (amp_dtype, autocast_factory, build_grad_scaler, build_optimizer, build_scheduler)
+from sats.methods.base import Batch, Method, StepContext, build_method
+from sats.models.segmenter import Segmenter, build_segmenter, frozen_copy
+
+log = logging.getLogger("sats")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN/Inf; the message names step, epoch, iteration and term."""
+
+
+class RunError(RuntimeError):
+    """A run directory or checkpoint does not match the experiment."""
+
+
+def step_seed(seed: int, step: int, epoch: int = -1) -> int:
+    """Seed of a step (epoch -1) or of one epoch of a step; independent of resumption."""
+    return (seed * 1_000_003 + step * 10_007 + (epoch + 1) * 101) % (2**31 - 1)
+
+
+@dataclass
+class TrainOutcome:
+    """What a step's training loop leaves for the end-of-step phase."""
+
+    counters: Dict[str, Any]  # nonfinite_skipped, images, train_time_s
+    best_state: Optional[Dict[str, Tensor]]  # best-on-val weights (only with train.select=best_val)
+
+
+class Runner:
+    """Runs the steps of one experiment; ``run()`` resumes whatever a previous call left."""
+
+    def __init__(self, cfg: ExperimentConfig, dist: Optional[DistInfo] = None) -> None:
+        self.cfg = cfg
+        self.dist = dist or init_distributed()
+        self.device = self.dist.device if cfg.device == "auto" else torch.device(cfg.device)
+        if cfg.train.threads > 0:
+            torch.set_num_threads(cfg.train.threads)
+        set_deterministic(cfg.train.deterministic)
+        self.run_dir = cfg.resolved_run_dir()
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.method: Method = build_method(cfg.method)
+        self.amp = amp_dtype(cfg.train, self.device)
+        self.autocast = autocast_factory(self.device, self.amp)
+        self._writer = None
+        self._prepare_run_dir()
+        self.data = ExperimentData.build(cfg, self.dist)
+        self.task: Task = self.data.task
+        self.joint = self.method.joint
+        self.num_steps = 1 if self.joint else self.task.num_steps
+
+    # -- run directory --------------------------------------------------------------------------
+    def _prepare_run_dir(self) -> None:
+        cfg_path = self.run_dir / "config.yaml"
+        current = config_to_dict(self.cfg)
+        if self.dist.is_main:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            if cfg_path.exists():
+                saved = json.loads(json.dumps(_load_yaml(cfg_path), default=str))
+                diff = _config_diff(saved, json.loads(json.dumps(current, default=str)))
+                if diff:
+                    raise RunError(f"{self.run_dir} holds a run with another config ({'; '.join(diff[:5])}); "
+                                   "choose another name/run_dir or delete the directory")
+            else:
+                save_config(self.cfg, cfg_path)
+            _attach_file_log(self.run_dir / "train.log")
+        barrier()
+
+    @property
+    def writer(self):
+        if self._writer is None and self.cfg.log.tensorboard and self.dist.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.run_dir / "tb"))
+        return self._writer
+
+    # -- the experiment -------------------------------------------------------------------------
+    def run(self, steps: Optional[Sequence[int]] = None) -> List[Dict[str, Any]]:
+        """Run ``steps`` (default: all) in order, skipping finished ones; returns every results row."""
+        steps = list(range(self.num_steps)) if steps is None else list(steps)
+        bad = [s for s in steps if not 0 <= s < self.num_steps]
+        if bad:
+            raise ConfigError(f"steps {bad} are outside task {self.task.name!r} ({self.num_steps} steps)")
+        log.info("run %s: method %s, task %s/%s (%d steps), %s", self.run_dir, self.method.describe(),
+                 self.task.dataset, self.task.name, self.num_steps, "overlapped" if self.cfg.data.overlap else "disjoint")
+        rows = results_io.load_rows(self.run_dir)
+        for t in steps:
+            if t in rows and self._step_checkpoint(t).exists():
+                log.info("step %d already finished (mIoU %.2f); skipping", t, rows[t]["miou"] * 100)
+                continue
+            rows[t] = self.run_step(t)
+            if self.dist.is_main:
+                results_io.write(self.run_dir, self._header(), rows)
+            barrier()
+        if self._writer is not None:
+            self._writer.flush()
+        return [rows[k] for k in sorted(rows)]
+
+    def _header(self) -> Dict[str, Any]:
+        return {"name": self.cfg.name, "method": self.method.name, "method_params": self.cfg.method,
+                "dataset": self.cfg.data.dataset, "task": self.task.name, "overlap": self.cfg.data.overlap,
+                "backbone": self.cfg.model.backbone, "num_steps": self.num_steps, "joint": self.joint,
+                "channel_classes": list(self.task.channel_classes),
+                "class_names": [self.data.train_files.class_names[c] for c in self.task.channel_classes],
+                "skipped_bad_files": self.data.skipped}
+
+    def _step_checkpoint(self, t: int) -> Path:
+        return self.ckpt_dir / f"step{t}.ckpt"
+
+    def _epoch_checkpoint(self, t: int) -> Path:
+        return self.ckpt_dir / f"step{t}-epoch.ckpt"
+
+    # -- one step -----------------------------------------------------------------------------
+    def run_step(self, t: int) -> Dict[str, Any]:
+        task = self.data.step_task(self.joint)
+        seed_everything(step_seed(self.cfg.train.seed, t), self.dist.rank)
+        shared = self._shared_step0_dir(t)
+        if shared is not None and (shared / "step0.ckpt").exists() and (shared / "row.json").exists():
+            return self._adopt_shared_step0(shared)
+
+        model, old_model, old_digest = self._build_models(t, task)
+        ctx = self._context(t, task, model, old_model, old_digest)
+        outcome = self._train(t, task, model, old_model, ctx)
+        row = self._finish_step(t, task, model, ctx, outcome)
+        if shared is not None and self.dist.is_main:
+            shared.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self._step_checkpoint(t), shared / "step0.ckpt.tmp")
+            (shared / "step0.ckpt.tmp").replace(shared / "step0.ckpt")
+            results_io.write_json(shared / "row.json", row)
+        return row
+
+    def _build_models(self, t: int, task: Task):
+        """The step-t model (step t-1 weights + a new head) and, if needed, the frozen step t-1 model."""
+        if t == 0:
+            model = build_segmenter(self.cfg.model, task.head_sizes(0))
+            return model.to(self.device), None, None
+        prev_path = self._step_checkpoint(t - 1)
+        if not prev_path.exists():
+            raise RunError(f"step {t} needs the step {t - 1} checkpoint {prev_path}; run step {t - 1} first")
+        prev = load_checkpoint(prev_path)
+        self._check_checkpoint_matches(prev, t - 1, prev_path)
+        cfg_model = _without_pretrained(self.cfg.model)
+        model = build_segmenter(cfg_model, task.head_sizes(t - 1))
+        _load_strict(model, prev["model"], prev_path)
+        self.method.load_state_dict(prev.get("method", {}))
+        old_model = frozen_copy(model).to(self.device) if self.method.old_model_at(t) else None
+        model.add_step(len(task.new_classes(t)), init=self.method.head_init)
+        return model.to(self.device), old_model, file_digest(prev_path)
+
+    def _check_checkpoint_matches(self, ckpt: Dict[str, Any], t: int, path: Path) -> None:
+        expected = self.data.step_task(self.joint).head_sizes(t)
+        if ckpt.get("head_sizes") != expected or ckpt.get("backbone") != self.cfg.model.backbone:
+            raise RunError(f"{path}: checkpoint of backbone {ckpt.get('backbone')!r} with heads "
+                           f"{ckpt.get('head_sizes')} does not match this run ({self.cfg.model.backbone!r}, "
+                           f"heads {expected} at step {t})")
+
+    def _context(self, t: int, task: Task, model: Segmenter, old_model: Optional[Segmenter],
+                 old_digest: Optional[str]) -> StepContext:
+        def loader(label_table=None):
+            ld = self.data.train_loader(t, self.joint, self.cfg.train, self.dist, step_seed(self.cfg.train.seed, t),
+                                        label_table=label_table)
+            for x, y in ld:
+                yield Batch(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+
+        ctx = StepContext(step=t, task=task, cfg=self.cfg, model=model, old_model=old_model, device=self.device,
+                          run_dir=self.run_dir, cache_dir=Path(self.cfg.data.cache_dir),
+                          old_checkpoint_digest=old_digest, train_loader=loader, autocast=self.autocast,
+                          log_scalar=lambda name, value: None, data_digest=self.data.step_digest(t, self.joint))
+        ctx.log_scalar = lambda name, value: self._scalar(f"step{t}/{name}", value, ctx.iteration)
+        return ctx
+
+    def _scalar(self, tag: str, value: float, it: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, it)
+
+    # -- training -------------------------------------------------------------------------------
+    def _train(self, t: int, task: Task, model: Segmenter, old_model: Optional[Segmenter],
+               ctx: StepContext) -> TrainOutcome:
+        cfg = self.cfg.train
+        loader = self.data.train_loader(t, self.joint, cfg, self.dist, step_seed(cfg.seed, t))
+        epochs, per_epoch = cfg.epochs_at(t), len(loader)
+        total = epochs * per_epoch
+        ctx.total_iterations = total
+        optimizer = build_optimizer(self.method.trainable_parameters(model, t), cfg, cfg.lr_at(t))
+        scheduler = build_scheduler(optimizer, cfg, total)
+        scaler = build_grad_scaler(self.device, self.amp)
+        train_model: torch.nn.Module = model
+        if self.dist.world_size > 1:
+            train_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        start_epoch, best = 0, {"score": -math.inf, "state": None}
+        counters: Dict[str, Any] = {"nonfinite_skipped": 0, "images": 0, "train_time_s": 0.0, "epoch_losses": {}}
+        resume = self._epoch_checkpoint(t)
+        if resume.exists():
+            state = load_checkpoint(resume)
+            _load_strict(model, state["model"], resume)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            self.method.load_state_dict(state["method"])
+            start_epoch, counters = state["epoch"] + 1, state["counters"]
+            best = {"score": state["best_score"], "state": state.get("best_state")}
+            log.info("step %d: resuming after epoch %d from %s", t, start_epoch, resume)
+        ctx.iteration = start_epoch * per_epoch
+        self.method.begin_step(ctx)
+        needs, old_needs = self.method.needs_at(t), self.method.old_needs
+        log.info("step %d: %d classes new %s, %d images, %d epochs × %d iterations, lr %g", t,
+                 len(task.new_classes(t)), list(task.new_classes(t)), len(loader.dataset), epochs, per_epoch,
+                 cfg.lr_at(t))
+        for epoch in range(start_epoch, epochs):
+            ctx.epoch = epoch
+            seed_everything(step_seed(cfg.seed, t, epoch), self.dist.rank)
+            loader.sampler.set_epoch_seed(step_seed(cfg.seed, t, epoch))
+            model.train()
+            sums: Dict[str, Tensor] = {}
+            tic = time.perf_counter()
+            bar = _progress(loader, self.cfg.log.progress and self.dist.is_main, f"step {t} epoch {epoch + 1}/{epochs}")
+            for i, (images, labels) in enumerate(bar):
+                batch = Batch(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
+                with self.autocast():
+                    out = train_model(batch.images, need=needs)
+                    old_out = None
+                    if old_model is not None:
+                        with torch.no_grad():
+                            old_out = old_model(batch.images, need=old_needs)
+                    terms = self.method.loss(batch, out, old_out, ctx)
+                loss = sum(terms.values())
+                if not torch.isfinite(loss):
+                    bad_terms = [k for k, v in terms.items() if not torch.isfinite(v)]
+                    where = f"step {t}, epoch {epoch + 1}, iteration {i + 1}, term(s) {bad_terms}"
+                    if cfg.on_nonfinite == "error":
+                        raise NonFiniteLossError(f"non-finite loss at {where}: " +
+                                                 ", ".join(f"{k}={float(v.detach())}" for k, v in terms.items()) +
+                                                 f"; the last good checkpoint is kept in {self.ckpt_dir}")
+                    counters["nonfinite_skipped"] += 1
+                    log.warning("skipping batch with a non-finite loss at %s (%d skipped so far)", where,
+                                counters["nonfinite_skipped"])
+                    optimizer.zero_grad(set_to_none=True)
+                    continue
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                self.method.after_backward(ctx)
+                if cfg.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                self.method.after_optimizer_step(ctx)
+                ctx.iteration += 1
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach()
+                if self.writer is not None and ctx.iteration % max(1, cfg.log_every) == 0:
+                    for k, v in terms.items():
+                        self.writer.add_scalar(f"step{t}/loss/{k}", float(v.detach()), ctx.iteration)
+                    self.writer.add_scalar(f"step{t}/lr", scheduler.get_last_lr()[0], ctx.iteration)
+                counters["images"] += len(images) * self.dist.world_size
+            counters["train_time_s"] += time.perf_counter() - tic
+            means = {k: float(v) / max(1, per_epoch) for k, v in sums.items()}
+            for k, v in means.items():
+                counters["epoch_losses"].setdefault(k, []).append(round(v, 6))
+            log.info("step %d epoch %d/%d: %s", t, epoch + 1, epochs, ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
+            if cfg.val_every > 0 and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == epochs):
+                val = self._evaluate(model, t, "val")
+                log.info("step %d epoch %d: val mIoU (current classes) %.2f", t, epoch + 1, val.miou * 100)
+                self._scalar(f"step{t}/val_miou", val.miou, ctx.iteration)
+                if cfg.select == "best_val" and val.miou > best["score"]:
+                    best = {"score": val.miou, "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+            if epoch + 1 < epochs and self.dist.is_main:
+                save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                                 "method": self.method.state_dict(), "epoch": epoch, "counters": counters,
+                                 "best_score": best["score"], "best_state": best["state"]}, resume)
+            barrier()
+        return TrainOutcome(counters=counters, best_state=best["state"])
+
+    # -- end of step: method hook, test, checkpoint, results ------------------------------------
+    def _finish_step(self, t: int, task: Task, model: Segmenter, ctx: StepContext,
+                     outcome: TrainOutcome) -> Dict[str, Any]:
+        self.method.end_step(ctx)
+        tic = time.perf_counter()
+        metrics = self._evaluate(model, t, "test")
+        eval_time = time.perf_counter() - tic
+        counters = outcome.counters
+        state = outcome.best_state or model.state_dict()
+        if self.dist.is_main:
+            save_checkpoint({"model": state, "method": self.method.state_dict(), "step": t,
+                             "head_sizes": task.head_sizes(t), "backbone": self.cfg.model.backbone,
+                             "task": {"dataset": task.dataset, "name": task.name, "steps": [list(s) for s in task.steps]},
+                             "config_digest": digest(config_to_dict(self.cfg))}, self._step_checkpoint(t))
+            self._epoch_checkpoint(t).unlink(missing_ok=True)
+        barrier()
+        groups = self.task.groups(self.task.num_steps - 1) if self.joint else task.groups(t)
+        row = results_io.make_row(t, metrics, groups, task, self.data.train_files.class_names)
+        row.update({"train_time_s": round(counters["train_time_s"], 3), "eval_time_s": round(eval_time, 3),
+                    "train_images_per_s": round(counters["images"] / max(counters["train_time_s"], 1e-9), 2),
+                    "iterations": ctx.iteration, "nonfinite_skipped": counters["nonfinite_skipped"],
+                    "epoch_losses": counters["epoch_losses"],
+                    "shared_step0": None})
+        log.info("step %d test: mIoU %.2f | old %s | new %s", t, row["miou"] * 100, _pct(row["old"]), _pct(row["new"]))
+        if self.writer is not None:
+            for k in ("miou", "old", "new", "all"):
+                if row.get(k) is not None:
+                    self.writer.add_scalar(f"test/{k}", row[k], t)
+            self._overlays(model, t)
+        return row
+
+    def _evaluate(self, model: Segmenter, t: int, kind: str) -> Metrics:
+        """Confusion matrix on the device over the step's test (C^{0:t}) or val (C^t) images."""
+        task = self.data.step_task(self.joint)
+        loader = self.data.eval_loader(t, self.joint, kind, self.dist)
+        cm = ConfusionMatrix(task.num_outputs(t), self.device)
+        model.eval()
+        bar = _progress(loader, self.cfg.log.progress and self.dist.is_main, f"step {t} {kind}")
+        with torch.no_grad():
+            for images, labels in bar:
+                with self.autocast():
+                    logits = model(images.to(self.device, non_blocking=True)).logits
+                cm.update(self.method.predict(logits.float()), labels.to(self.device, non_blocking=True))
+        cm.all_reduce_()
+        return cm.compute()
+
+    def _overlays(self, model: Segmenter, t: int) -> None:
+        n = self.cfg.log.overlay_images
+        if n <= 0:
+            return
+        from sats.report.overlay import overlay_grid
+
+        first = first_batch_images(self.data.eval_loader(t, self.joint, "test", self.dist), n)
+        if first is None:
+            return
+        images, labels = first
+        model.eval()
+        with torch.no_grad(), self.autocast():
+            pred = self.method.predict(model(images.to(self.device)).logits.float()).cpu()
+        palette = self.data.train_files.palette
+        grid = overlay_grid(images, labels, pred, palette, self.data.step_task(self.joint).channel_classes)
+        self.writer.add_image(f"predictions/step{t}", grid, t, dataformats="HWC")
+
+    def evaluate_checkpoint(self, t: int) -> Dict[str, Any]:
+        """Test the saved step-t checkpoint exactly as the run did at the end of step t."""
+        task = self.data.step_task(self.joint)
+        path = self._step_checkpoint(t)
+        ckpt = load_checkpoint(path)
+        self._check_checkpoint_matches(ckpt, t, path)
+        model = build_segmenter(_without_pretrained(self.cfg.model), task.head_sizes(t))
+        _load_strict(model, ckpt["model"], path)
+        metrics = self._evaluate(model.to(self.device), t, "test")
+        groups = self.task.groups(self.task.num_steps - 1) if self.joint else task.groups(t)
+        return results_io.make_row(t, metrics, groups, task, self.data.train_files.class_names)
+
+    # -- step-0 sharing -------------------------------------------------------------------------
+    def _shared_step0_dir(self, t: int) -> Optional[Path]:
+        """Where a plain-CE step 0 is stored, keyed by everything that determines it (None: not shareable)."""
+        key = self.method.step0_key()
+        if t != 0 or not self.cfg.train.share_step0 or key is None or self.joint:
+            return None
+        c = self.cfg
+        determinants = {
+            "recipe": key, "data": self.data.step_digest(0, False), "model": config_to_dict(c)["model"],
+            "train": {k: v for k, v in config_to_dict(c)["train"].items()
+                      if k not in ("lr_incremental", "epochs_incremental", "log_every", "share_step0", "threads",
+                                   "val_every", "select", "on_nonfinite")},
+            "data_pipeline": {k: getattr(c.data, k) for k in ("crop_size", "scale_min", "scale_max", "batch_size",
+                                                               "eval_size", "eval_mode")},
+            "world_size": self.dist.world_size,
+        }
+        return Path(c.data.cache_dir) / "step0" / digest(determinants)
+
+    def _adopt_shared_step0(self, shared: Path) -> Dict[str, Any]:
+        ckpt = load_checkpoint(shared / "step0.ckpt")  # verifies the hash before we adopt it
+        self._check_checkpoint_matches(ckpt, 0, shared / "step0.ckpt")
+        if self.dist.is_main:
+            save_checkpoint(ckpt, self._step_checkpoint(0))
+        barrier()
+        row = json.loads((shared / "row.json").read_text())
+        row["shared_step0"] = shared.name
+        log.info("step 0: reusing the shared plain-CE step-0 checkpoint %s (mIoU %.2f)", shared, row["miou"] * 100)
+        return row
+
+
+# ----------------------------------------------------------------------------------------------
+def _load_strict(model: torch.nn.Module, state: Dict[str, Tensor], path: Path) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not fit the model: missing {list(missing)[:8]}"
+                              f"{'…' if len(missing) > 8 else ''}, unexpected {list(unexpected)[:8]}"
+                              f"{'…' if len(unexpected) > 8 else ''}")
+
+
+def _without_pretrained(model_cfg):
+    import dataclasses
+
+    return dataclasses.replace(model_cfg, pretrained=None)
+
+
+def _progress(iterable, enabled: bool, desc: str):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def _pct(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v * 100:.2f}"
+
+
+def _load_yaml(path: Path) -> Dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(path))  # type: ignore[return-value]
+
+
+def _config_diff(a: Any, b: Any, prefix: str = "") -> List[str]:
+    """Keys whose values differ between two nested dicts (ignoring logging-only keys)."""
+    ignore = {"log", "train.threads", "train.log_every", "data.workers", "data.scan_workers", "data.check",
+              "data.cache_dir", "output_dir", "run_dir"}
+    if prefix.rstrip(".") in ignore:
+        return []
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: List[str] = []
+        for k in sorted(set(a) | set(b)):
+            out += _config_diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} → {b!r}"]
+
+
+def _attach_file_log(path: Path) -> None:
+    root = logging.getLogger("sats")
+    if any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve() for h in root.handlers):
+        return
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)

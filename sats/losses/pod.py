@@ -1,0 +1,130 @@
+"""PLOP's local POD (pooled outputs distillation, METHODS.md §3.9).
+
+The math follows PLOP's ``features_distillation(..., collapse_channels="local")`` with PLOP's
+preset (``pod_options = {"switch": {"after": {"extra_channels": "sum", "factor": ..., "type": "local"}}}``),
+which is what both arthurdouillard/CVPR2021_PLOP and the SATS reference run:
+
+* pre-processing ``"pow"``: each map is squared element-wise (after the logit collapse);
+* **no normalisation**: the function forces ``normalize = False`` and the preset sets no
+  ``"norm"`` key, so neither the per-region vectors nor the embedding are L2-normalised,
+  and ``normalize_per_scale`` is off (no division by the number of regions);
+* per scale ``s``, the map is cut into an ``s × s`` grid of regions; per region, the mean
+  over the width (one value per channel and row) and over the height (one per channel and
+  column), flattened channel-major, region by region, scale by scale;
+* distance: L2 norm of the embedding difference per image, then the batch mean;
+* total: ``(1/L) Σ_l λ_l · sqrt(K_t / |C^t|) · ℓ_l`` (``pod_factor`` times the POD schedule,
+  divided by the number of maps).
+
+Region side: the reference uses ``k = ⌊w/s⌋`` for both axes (it only runs on square maps);
+here rows use ``⌊h/s⌋`` and columns ``⌊w/s⌋``, which is the same for square maps and stays
+defined otherwise. Trailing rows/columns beyond ``s·k`` are dropped, as in the reference.
+
+Differences from the reference: non-finite layer losses are not dropped (§6 item 24) — they
+propagate so the trainer sees them; ``torch.linalg.vector_norm`` replaces the deprecated
+``torch.frobenius_norm`` (§6 item 25).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["collapse_new_channels", "local_pod_loss", "pod_distance", "pod_embedding"]
+
+DEFAULT_SCALES = (1, 2, 4)
+
+
+def pod_embedding(x: Tensor, scales: Sequence[int] = DEFAULT_SCALES) -> Tensor:
+    """Local POD embedding ``Φ(x)`` of a map ``(B, C, H, W)`` → ``(B, D)`` (float32).
+
+    ``D = Σ_s s² · C · (⌊H/s⌋ + ⌊W/s⌋)``. Layout, as the reference's loops produce it: for each
+    scale, for each region row ``i`` then region column ``j``: ``[width-means (C, ⌊H/s⌋) flattened,
+    height-means (C, ⌊W/s⌋) flattened]``. ``x`` is squared element-wise first.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"pod_embedding: expected a (B, C, H, W) map, got {tuple(x.shape)}")
+    batch, channels, height, width = x.shape
+    squared = x.float().pow(2)
+    parts = []
+    for scale in scales:  # a loop over the (3) scales only; regions are pooled in one reshape
+        region_h, region_w = height // scale, width // scale
+        if scale < 1 or region_h == 0 or region_w == 0:
+            raise ValueError(f"pod_embedding: scale {scale} does not fit a {height}x{width} map")
+        grid = squared[:, :, : scale * region_h, : scale * region_w]
+        grid = grid.reshape(batch, channels, scale, region_h, scale, region_w)
+        # mean over the width of each region: (B, C, s_i, kh, s_j) -> (B, s_i, s_j, C·kh)
+        width_means = grid.mean(dim=5).permute(0, 2, 4, 1, 3).reshape(batch, scale, scale, channels * region_h)
+        # mean over the height of each region: (B, C, s_i, s_j, kw) -> (B, s_i, s_j, C·kw)
+        height_means = grid.mean(dim=3).permute(0, 2, 3, 1, 4).reshape(batch, scale, scale, channels * region_w)
+        parts.append(torch.cat([width_means, height_means], dim=3).reshape(batch, -1))
+    return torch.cat(parts, dim=1)
+
+
+def pod_distance(old: Tensor, new: Tensor, scales: Sequence[int] = DEFAULT_SCALES) -> Tensor:
+    """``mean_b ‖Φ(old_b) − Φ(new_b)‖₂`` for two maps of equal shape ``(B, C, H, W)``. Scalar.
+
+    ``old`` is detached (a target); gradients flow into ``new`` only.
+    """
+    if old.shape != new.shape:
+        raise ValueError(f"pod_distance: old map {tuple(old.shape)} and new map {tuple(new.shape)} differ")
+    difference = pod_embedding(old.detach(), scales) - pod_embedding(new, scales)
+    return torch.linalg.vector_norm(difference, ord=2, dim=1).mean()
+
+
+def collapse_new_channels(new_logits: Tensor, num_old: int) -> Tensor:
+    """Sum the new-class channels into the background channel ("extra_channels = sum").
+
+    ``(B, K_t, H, W)`` → ``(B, num_old, H, W)``: channel 0 becomes ``z_0 + Σ_{c ≥ num_old} z_c``;
+    channels ``1 … num_old−1`` are unchanged. Used on the new logits before POD so that they
+    match the old logits' channels.
+    """
+    if new_logits.dim() != 4 or not 1 <= num_old <= new_logits.shape[1]:
+        raise ValueError(f"collapse_new_channels: num_old={num_old} does not fit logits {tuple(new_logits.shape)}")
+    background = new_logits[:, :1] + new_logits[:, num_old:].sum(dim=1, keepdim=True)
+    return torch.cat([background, new_logits[:, 1:num_old]], dim=1)
+
+
+def local_pod_loss(
+    old_maps: Sequence[Tensor],
+    new_maps: Sequence[Tensor],
+    layer_weights: Union[float, Sequence[float]],
+    num_classes_seen: int,
+    num_new: int,
+    scales: Sequence[int] = DEFAULT_SCALES,
+) -> Tensor:
+    """PLOP's local POD loss ``(1/L) Σ_l λ_l · sqrt(K_t / |C^t|) · ℓ_l`` (METHODS.md §3.9). Scalar float32.
+
+    Args:
+        old_maps / new_maps: ``L`` maps each, ``(B, C_l, H_l, W_l)`` pairwise; DeepLab: 4 stage
+            pre-activations, ASPP output, ``logits_small``. If the **last** pair differs in
+            channels (the logits: new ``K_t`` vs old ``K_{t−1}``), the new one is collapsed with
+            :func:`collapse_new_channels`; any other mismatch is an error.
+        layer_weights: ``λ_l`` per map, or one value for all (VOC: 0.01 for features, 0.0005 for
+            the logits). Layers with weight 0 are skipped but still count in ``L``.
+        num_classes_seen: ``K_t``; num_new: ``|C^t|`` (the POD schedule ``sqrt(K_t/|C^t|)``).
+    """
+    if len(old_maps) != len(new_maps) or not old_maps:
+        raise ValueError(f"local_pod_loss: got {len(old_maps)} old and {len(new_maps)} new maps (need the same number > 0)")
+    num_layers = len(old_maps)
+    weights = [float(layer_weights)] * num_layers if isinstance(layer_weights, (int, float)) else [float(w) for w in layer_weights]
+    if len(weights) != num_layers:
+        raise ValueError(f"local_pod_loss: {len(weights)} layer weights for {num_layers} maps")
+    if num_new < 1 or num_classes_seen < num_new:
+        raise ValueError(f"local_pod_loss: num_classes_seen={num_classes_seen}, num_new={num_new} are inconsistent")
+    schedule = math.sqrt(num_classes_seen / num_new)
+    total = old_maps[0].new_zeros((), dtype=torch.float32)
+    for index, (old, new, weight) in enumerate(zip(old_maps, new_maps, weights)):
+        if weight == 0.0:
+            continue
+        if old.shape[1] != new.shape[1]:
+            if index != num_layers - 1 or new.shape[1] < old.shape[1]:
+                raise ValueError(
+                    f"local_pod_loss: map {index}: old {tuple(old.shape)} vs new {tuple(new.shape)}; only the last map "
+                    "(the logits) may have extra new channels"
+                )
+            new = collapse_new_channels(new, old.shape[1])
+        total = total + weight * schedule * pod_distance(old, new, scales)
+    return total / num_layers

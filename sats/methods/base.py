@@ -1,0 +1,201 @@
+"""The method contract and the method registry.
+
+A method shapes the loss of each step; the engine does everything else. It declares
+what it needs from the model (``needs`` / ``old_needs``), whether it uses a frozen
+copy of the previous step's model, how new heads are initialised, and which
+step-0 recipe it uses (so a plain-CE step 0 can be shared across methods). The
+engine never looks at a method's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, Iterable, Iterator, List, Optional, Type
+
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch import Tensor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from sats.config import ExperimentConfig
+    from sats.data.tasks import Task
+    from sats.models.segmenter import ModelOutput, Segmenter
+
+
+@dataclass
+class Batch:
+    """One training batch. ``labels`` are channel indices after the step's lookup table, 255 = ignore."""
+
+    images: Tensor  # (B, 3, H, W) float
+    labels: Tensor  # (B, H, W) int64
+
+
+@dataclass
+class StepContext:
+    """What a method may read during a step. Created by the runner for every step."""
+
+    step: int
+    task: "Task"
+    cfg: "ExperimentConfig"
+    model: "Segmenter"  # the model being trained (unwrapped from DDP)
+    old_model: Optional["Segmenter"]  # frozen step t-1 model, when the method uses one
+    device: torch.device
+    run_dir: Any  # pathlib.Path
+    cache_dir: Any  # pathlib.Path
+    old_checkpoint_digest: Optional[str]  # content hash of the step t-1 checkpoint (cache keys)
+    #: ``train_loader(label_table=None)``: a fresh pass over this step's training data; a (256,) uint8
+    #: ``label_table`` (raw mask value → label) replaces the step's training table for that pass
+    train_loader: Callable[..., Iterable[Batch]]
+    autocast: Callable[[], Any]  # context manager: the run's mixed-precision setting
+    log_scalar: Callable[[str, float], None]  # log a scalar at the current iteration
+    epoch: int = 0
+    iteration: int = 0  # iterations done in this step
+    total_iterations: int = 0
+    data_digest: Optional[str] = None  # hash of this step's image lists and classes (cache keys)
+
+    @property
+    def num_old(self) -> int:
+        """K_{t-1}: channels of the previous step (0 at step 0)."""
+        return self.task.num_outputs(self.step - 1) if self.step > 0 else 0
+
+    @property
+    def num_outputs(self) -> int:
+        """K_t: channels of the current step."""
+        return self.task.num_outputs(self.step)
+
+
+@dataclass
+class NoParams:
+    """A method without hyper-parameters."""
+
+
+class Method:
+    """Base class of every continual-learning method. Override what the method changes."""
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type] = NoParams
+    #: outputs of the new model the loss reads at steps > 0 (subset of sats.models NEEDS; logits are always there)
+    needs: ClassVar[frozenset] = frozenset()
+    #: outputs of the old model the loss reads (only when ``uses_old_model``)
+    old_needs: ClassVar[frozenset] = frozenset()
+    uses_old_model: ClassVar[bool] = False
+    #: new-head initialisation: "default" | "background" (MiB) | "unknown" (SSUL)
+    head_init: ClassVar[str] = "default"
+    #: step-0 recipe: "ce" = plain cross-entropy (shareable across methods); None = the method's own step 0
+    step0: ClassVar[Optional[str]] = "ce"
+    #: train every class of the task in one step (the joint-training upper bound)
+    joint: ClassVar[bool] = False
+
+    def __init__(self, params: Any = None) -> None:
+        self.params = params if params is not None else self.Params()
+
+    # -- what the step needs -------------------------------------------------------------------
+    def needs_at(self, step: int) -> frozenset:
+        """Outputs of the new model needed at ``step`` (nothing extra at step 0 by default)."""
+        return self.needs if step > 0 else frozenset()
+
+    def step0_key(self) -> Optional[str]:
+        """Identifies the step-0 loss; methods with equal keys share one step-0 checkpoint (None: never shared)."""
+        if self.step0 is None:
+            return None
+        return f"{self.step0}:{getattr(self.params, 'reduction', 'all_pixels')}"
+
+    def old_model_at(self, step: int) -> bool:
+        return self.uses_old_model and step > 0
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def begin_step(self, ctx: StepContext) -> None:
+        """Before the first iteration of a step (thresholds, importance, ...)."""
+
+    def loss(self, batch: Batch, out: "ModelOutput", old_out: Optional["ModelOutput"], ctx: StepContext) -> Dict[str, Tensor]:
+        """Named loss terms (each already weighted); the engine sums them and back-propagates."""
+        raise NotImplementedError
+
+    def after_backward(self, ctx: StepContext) -> None:
+        """After ``backward`` and before the optimiser step (gradients are available)."""
+
+    def after_optimizer_step(self, ctx: StepContext) -> None:
+        """After the optimiser step (parameters have moved)."""
+
+    def end_step(self, ctx: StepContext) -> None:
+        """After the last iteration of a step, before the step checkpoint is written."""
+
+    def predict(self, logits: Tensor) -> Tensor:
+        """(B, K, H, W) logits → (B, H, W) channel predictions."""
+        return logits.argmax(1)
+
+    def trainable_parameters(self, model: torch.nn.Module, step: int) -> List[torch.nn.Parameter]:
+        """Parameters handed to the optimiser (all of them by default)."""
+        return [p for p in model.parameters() if p.requires_grad]
+
+    # -- state that survives resume and is carried to the next step -----------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"method {self.name!r} has no state but the checkpoint holds {sorted(state)}")
+
+    def describe(self) -> str:
+        fields = dataclasses.asdict(self.params) if dataclasses.is_dataclass(self.params) else {}
+        return f"{self.name}({', '.join(f'{k}={v}' for k, v in fields.items())})"
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry
+
+_REGISTRY: Dict[str, Type[Method]] = {}
+
+
+def register_method(cls: Type[Method]) -> Type[Method]:
+    """Class decorator: make a method available by its ``name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"method name {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def list_methods() -> List[str]:
+    return sorted(_REGISTRY)
+
+
+def iter_methods() -> Iterator[Type[Method]]:
+    return (_REGISTRY[k] for k in list_methods())
+
+
+def get_method_class(name: str) -> Type[Method]:
+    key = name.lower()
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(list_methods())}")
+    return _REGISTRY[key]
+
+
+def validate_method_config(section: Dict[str, Any]) -> Dict[str, Any]:
+    """Check ``method:`` against the method's Params: unknown keys / bad types are errors naming the key."""
+    from sats.config import ConfigError
+
+    section = dict(section)
+    name = str(section.pop("name", "ft")).lower()
+    try:
+        cls = get_method_class(name)
+    except ValueError as exc:
+        raise ConfigError(f"method.name: {exc}") from exc
+    try:
+        params = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls.Params), section))
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", "")
+        raise ConfigError(f"method {name!r}: invalid key {key!r}: {str(exc).splitlines()[0]}") from exc
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"method {name!r}: {exc}") from exc
+    return {"name": name, **dataclasses.asdict(params)}
+
+
+def build_method(section: Dict[str, Any]) -> Method:
+    """Instantiate the method of a validated ``method:`` section."""
+    section = dict(section)
+    cls = get_method_class(section.pop("name"))
+    return cls(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls.Params), section)))

@@ -1,0 +1,107 @@
+"""PLOP: CE on entropy pseudo-labels + local POD distillation, background-based head init (METHODS.md §3.9).
+
+``L = CE(z, ỹ) [· ν] + L_pod`` at steps > 0; step 0 is plain CE (shared, §4.2).
+
+* **Pseudo-labels** ``ỹ``: background pixels (label 0: background, old and future classes) take the old
+  model's arg-max class where its uncertainty is below that class's threshold, else 255. The
+  per-class thresholds are computed once per step before training and cached
+  (:mod:`sats.methods._pseudo`; ``threshold_mode`` / ``threshold_pixels`` choose the reference or
+  the corrected variants, §6 item 11 and the §3.9 note).
+* **Adaptive factor** ``ν`` (per image: accepted / background pixels) multiplies the CE map when
+  ``adaptive_factor`` is True, as PLOP's original code does (the default). The SATS reference
+  computes ν but never applies it (§6 item 10): set ``method.adaptive_factor=false`` to
+  reproduce the SATS paper's PLOP rows.
+* **Local POD** over ``L = 6`` maps of the old and new model, ``(1/L) Σ_l λ_l sqrt(K_t/|C^t|) ℓ_l``:
+  the 4 encoder ``stages`` (SegFormer: the MiT stage outputs after their LayerNorm; DeepLab: the
+  pre-activation output of each ResNet stage's last block), the ``decoder`` feature (SegFormer:
+  the 256-d fused decoder map; DeepLab: the ASPP output) with λ = ``pod_factor``, and
+  ``logits_small`` with λ = ``pod_logits_factor`` (new channels summed into the background).
+  The SegFormer mapping is ours: the reference's SegFormer exposes no such features (§2.4, §6 item 8).
+
+VOC values: ``pod_factor`` 0.01, ``pod_logits_factor`` 0.0005; ADE with DeepLab 0.001 / 0.00001
+(``configs/_base_/methods/plop_ade_deeplab.yaml``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+from torch import Tensor
+
+from sats.losses.ce import cross_entropy
+from sats.losses.pod import local_pod_loss
+from sats.methods._pseudo import EntropyThresholds, ThresholdSettings
+from sats.methods.base import Batch, Method, StepContext, register_method
+from sats.methods.ft import CEParams
+from sats.methods.lwf import check_weight, require_old_logits
+
+
+@dataclass
+class PLOPParams(CEParams):
+    pod_factor: float = 0.01  # λ of the 4 stages and the decoder feature (VOC)
+    pod_logits_factor: float = 0.0005  # λ of logits_small (VOC)
+    adaptive_factor: bool = True  # multiply the CE by ν (PLOP's original); the SATS reference never does
+    threshold_mode: str = "correct"  # correct (normalised entropy, true median) | reference (§6 item 11)
+    threshold_pixels: str = "label0"  # label0 (PLOP: bg + old + future) | true_background (SATS reference)
+    threshold_floor: float = 0.001  # τ_c = max(median_c, floor)
+    threshold_bins: int = 100
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_weight("pod_factor", self.pod_factor)
+        check_weight("pod_logits_factor", self.pod_logits_factor)
+        self.threshold_settings()  # validates the threshold keys
+
+    def threshold_settings(self) -> ThresholdSettings:
+        return ThresholdSettings(mode=self.threshold_mode, pixels=self.threshold_pixels, bins=self.threshold_bins,
+                                 floor=self.threshold_floor)
+
+
+def pod_maps(out: Any) -> list:
+    """The maps PLOP distils, in order: 4 stages, the decoder feature, ``logits_small``."""
+    return [*out.stages, out.decoder, out.logits_small]
+
+
+@register_method
+class PLOP(Method):
+    """``L = CE(z, ỹ)[·ν] + POD`` (terms ``ce``, ``pod``); plain CE at step 0; background head init."""
+
+    name = "plop"
+    Params = PLOPParams
+    uses_old_model = True
+    head_init = "background"
+    needs = frozenset({"stages", "decoder", "logits_small"})
+    old_needs = frozenset({"stages", "decoder", "logits_small"})
+
+    def __init__(self, params: Any = None) -> None:
+        super().__init__(params)
+        self.pseudo = EntropyThresholds(self.params.threshold_settings())
+
+    def begin_step(self, ctx: StepContext) -> None:
+        if ctx.step > 0:
+            self.pseudo.prepare(ctx)
+
+    def loss(self, batch: Batch, out, old_out: Optional[object], ctx: StepContext) -> Dict[str, Tensor]:
+        p = self.params
+        if ctx.step == 0:
+            return {"ce": cross_entropy(out.logits, batch.labels, reduction=p.reduction)}
+        old_logits = require_old_logits(old_out, self.name)
+        labels, adaptive = self.pseudo.pseudo_labels(batch.labels, old_logits, ctx.num_outputs)
+        ce = cross_entropy(out.logits, labels, pixel_weight=adaptive if p.adaptive_factor else None,
+                           reduction=p.reduction)
+        old_maps, new_maps = pod_maps(old_out), pod_maps(out)
+        weights = [p.pod_factor] * (len(new_maps) - 1) + [p.pod_logits_factor]
+        num_new = ctx.num_outputs - ctx.num_old
+        pod = local_pod_loss(old_maps, new_maps, weights, num_classes_seen=ctx.num_outputs, num_new=num_new)
+        return {"ce": ce, "pod": pod}
+
+    def state_dict(self) -> Dict[str, Any]:
+        state = self.pseudo.state_dict()
+        return {"pseudo_labels": state} if state else {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        unknown = set(state) - {"pseudo_labels"}
+        if unknown:
+            raise ValueError(f"method 'plop': unknown state entries {sorted(unknown)}")
+        self.pseudo.load_state_dict(state.get("pseudo_labels", {}))

@@ -1,0 +1,137 @@
+"""Decoders: reference simplified SegFormer head, official SegFormer head, DeepLabV3 ASPP.
+
+Every head maps the 4 encoder feature maps ``[(B, C_s, h_s, w_s)]`` to one
+``(B, D, h, w)`` feature, the input of the incremental classifier, and exposes
+``out_channels = D``.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sats.models.resnet import LEAKY_SLOPE, activate, make_norm
+
+
+class SimpleHead(nn.Module):
+    """The reference's simplified all-MLP head (METHODS.md §2.2).
+
+    Per stage a 1×1 conv with bias to ``D``, **nearest** upsampling to the
+    stage-1 grid, concatenation in stage order 1→4 (``4·D`` channels) and a 1×1
+    conv with bias to ``D``. No BN, no activation, no dropout. Upsampling goes
+    to the stage-1 size rather than by a factor ``2^(s-1)``: identical when the
+    input side is a multiple of 32, and still defined when it is not.
+    """
+
+    def __init__(self, in_channels: list[int], dim: int = 256) -> None:
+        super().__init__()
+        self.out_channels = dim
+        self.proj = nn.ModuleList(nn.Conv2d(channels, dim, 1) for channels in in_channels)
+        self.fuse = nn.Conv2d(len(in_channels) * dim, dim, 1)
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        """``features`` at strides 4/8/16/32 -> ``(B, D, h_1, w_1)``."""
+        size = features[0].shape[-2:]
+        maps = []
+        for proj, feature in zip(self.proj, features, strict=True):
+            mapped = proj(feature)
+            if mapped.shape[-2:] != size:
+                mapped = F.interpolate(mapped, size=size, mode="nearest")
+            maps.append(mapped)
+        return self.fuse(torch.cat(maps, dim=1))
+
+
+class SegFormerHead(nn.Module):
+    """The official SegFormer all-MLP head.
+
+    Per stage a linear projection to ``D`` (a 1×1 conv), bilinear upsampling
+    (align_corners False) to the stage-1 grid, concatenation in the official
+    order 4→1, then 1×1 conv (no bias) + BN + ReLU and ``Dropout2d(0.1)`` (as in
+    the mmseg implementation). The ReLU is the official one and does not follow
+    ``ModelConfig.activation``.
+    """
+
+    def __init__(self, in_channels: list[int], dim: int = 256, norm: str = "bn", dropout: float = 0.1) -> None:
+        super().__init__()
+        self.out_channels = dim
+        self.proj = nn.ModuleList(nn.Conv2d(channels, dim, 1) for channels in in_channels)
+        self.fuse = nn.Conv2d(len(in_channels) * dim, dim, 1, bias=False)
+        self.fuse_bn = make_norm(norm)(dim)
+        self.dropout = nn.Dropout2d(dropout)
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        """``features`` at strides 4/8/16/32 -> ``(B, D, h_1, w_1)``."""
+        size = features[0].shape[-2:]
+        maps = []
+        for proj, feature in zip(self.proj, features, strict=True):
+            mapped = proj(feature)
+            if mapped.shape[-2:] != size:
+                mapped = F.interpolate(mapped, size=size, mode="bilinear", align_corners=False)
+            maps.append(mapped)
+        fused = F.relu(self.fuse_bn(self.fuse(torch.cat(maps[::-1], dim=1))))
+        return self.dropout(fused)
+
+
+class ASPP(nn.Module):
+    """DeepLabV3 atrous spatial pyramid pooling on the last feature map (METHODS.md §2.1).
+
+    Branches 1×1 and 3×3 with dilations ``dilations`` (no bias) -> concat ->
+    BN+act -> 1×1 conv to ``D``; image pooling -> 1×1 conv -> BN+act -> 1×1 conv
+    to ``D``, **added** to the main branch; final BN+act. In training the pooling
+    is a global mean; in eval, with ``pooling_size`` set, it is an average over a
+    ``pooling_size``² window (stride 1) replicate-padded back to the input size
+    (the MiB/In-Place-ABN behaviour; the same as the global mean whenever the
+    map is not larger than the window, e.g. 512 crops at output stride 16).
+    ``pooling_size=None`` uses the global mean in both modes.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        dim: int = 256,
+        hidden: int = 256,
+        dilations: tuple[int, int, int] = (6, 12, 18),
+        norm: str = "bn",
+        activation: str = "leaky_relu",
+        pooling_size: int | None = 32,
+    ) -> None:
+        super().__init__()
+        norm_layer = make_norm(norm)
+        self.out_channels = dim
+        self.activation = activation
+        self.pooling_size = pooling_size
+        self.map_convs = nn.ModuleList(
+            [nn.Conv2d(in_channels, hidden, 1, bias=False)]
+            + [nn.Conv2d(in_channels, hidden, 3, padding=d, dilation=d, bias=False) for d in dilations]
+        )
+        self.map_bn = norm_layer(hidden * 4)
+        self.red_conv = nn.Conv2d(hidden * 4, dim, 1, bias=False)
+        self.global_pooling_conv = nn.Conv2d(in_channels, hidden, 1, bias=False)
+        self.global_pooling_bn = norm_layer(hidden)
+        self.pool_red_conv = nn.Conv2d(hidden, dim, 1, bias=False)
+        self.red_bn = norm_layer(dim)
+        gain = nn.init.calculate_gain(activation, LEAKY_SLOPE) if activation == "leaky_relu" else nn.init.calculate_gain(activation)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.xavier_normal_(module.weight, gain)
+            elif isinstance(module, nn.BatchNorm2d | nn.SyncBatchNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        """``features[-1] (B, C, h, w)`` -> ``(B, D, h, w)``."""
+        x = features[-1]
+        out = torch.cat([conv(x) for conv in self.map_convs], dim=1)
+        out = self.red_conv(activate(self.map_bn(out), self.activation))
+        pooled = self._image_pool(x)
+        pooled = self.pool_red_conv(activate(self.global_pooling_bn(self.global_pooling_conv(pooled)), self.activation))
+        return activate(self.red_bn(out + pooled), self.activation)
+
+    def _image_pool(self, x: Tensor) -> Tensor:
+        """``(B, C, 1, 1)`` global mean, or in eval the windowed mean ``(B, C, h, w)``."""
+        if self.training or self.pooling_size is None:
+            return x.mean(dim=(2, 3), keepdim=True)
+        win_h, win_w = min(self.pooling_size, x.shape[2]), min(self.pooling_size, x.shape[3])
+        pooled = F.avg_pool2d(x, (win_h, win_w), stride=1)
+        # pad (left, right, top, bottom) so the map is back to (h, w); odd extra goes right/bottom
+        pad = ((win_w - 1) // 2, win_w // 2, (win_h - 1) // 2, win_h // 2)
+        return F.pad(pooled, pad, mode="replicate")
