@@ -13,6 +13,9 @@ iterations of
 * ``train_ms``: train mode, forward + backward of ``logits.mean()`` (plus the
   mean of every attention map when they are requested, so their graph is
   exercised), gradients zeroed between iterations, no optimiser step.
+* ``forward_cpu_ms`` / ``train_cpu_ms``: the same in process CPU time (all
+  threads summed); on a shared CPU machine it is less disturbed by other
+  processes than the wall-clock figures.
 
 Memory (``*_peak_mb``):
 
@@ -77,9 +80,10 @@ def measure(backbone: str, size: int, attentions: bool, batch: int, iters: int, 
     need = {"attentions"} if attentions else set()
     autocast = torch.autocast(device.type, dtype=torch.float16, enabled=amp)
 
-    def phase(train: bool) -> tuple[float, float]:
+    def phase(train: bool) -> tuple[float, float, float]:
         model.train(train)
-        times = []
+        times: list[float] = []
+        cpu_times: list[float] = []
         sync(device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -88,7 +92,7 @@ def measure(backbone: str, size: int, attentions: bool, batch: int, iters: int, 
         else:
             base = current_rss_mb()
         for i in range(warmup + iters):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             if train:
                 model.zero_grad(set_to_none=True)
                 with autocast:
@@ -103,14 +107,15 @@ def measure(backbone: str, size: int, attentions: bool, batch: int, iters: int, 
             sync(device)
             if i >= warmup:
                 times.append((time.perf_counter() - start) * 1000)
+                cpu_times.append((time.process_time() - start_cpu) * 1000)
         if device.type == "cuda":
             peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
         else:
             peak = peak_rss_mb() - base
-        return statistics.median(times), peak
+        return statistics.median(times), statistics.median(cpu_times), peak
 
-    forward_ms, forward_peak = phase(train=False)
-    train_ms, train_peak = phase(train=True)
+    forward_ms, forward_cpu_ms, forward_peak = phase(train=False)
+    train_ms, train_cpu_ms, train_peak = phase(train=True)
     return {
         "backbone": backbone,
         "size": size,
@@ -120,6 +125,8 @@ def measure(backbone: str, size: int, attentions: bool, batch: int, iters: int, 
         "iters": iters,
         "forward_ms": round(forward_ms, 2),
         "train_ms": round(train_ms, 2),
+        "forward_cpu_ms": round(forward_cpu_ms, 2),
+        "train_cpu_ms": round(train_cpu_ms, 2),
         "forward_peak_mb": round(forward_peak, 1),
         "train_peak_mb": round(train_peak, 1),
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),

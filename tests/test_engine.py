@@ -143,3 +143,13 @@ def test_joint_training_reports_incremental_groups(tiny_run):
 def test_steps_range_needs_previous_checkpoint(tiny_run):
     with pytest.raises(RunError, match="step 0 checkpoint"):
         Runner(tiny_run("ft")).run(steps=[1])
+
+
+def test_bf16_full_image_eval_and_best_val_selection(tiny_run):
+    cfg = tiny_run("ft", **{"train.amp": "bf16", "data.eval_mode": "full", "train.val_every": 1,
+                            "train.select": "best_val", "train.share_step0": False})
+    rows = Runner(cfg).run()
+    assert all(0.0 <= r["miou"] <= 1.0 for r in rows)
+    assert all(all(torch.isfinite(torch.tensor(v)) for v in r["epoch_losses"]["ce"]) for r in rows)
+    # full-image evaluation sees every pixel of the original 40-56 px images, not a 32 px crop
+    assert rows[-1]["num_pixels"] > 12 * 32 * 32

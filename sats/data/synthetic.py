@@ -73,14 +73,14 @@ INFO_FILE = "synthetic.json"
 SPLIT_LISTS = {"train": "splits/train_aug.txt", "val": "splits/val.txt"}
 _SPLIT_CODE = {"train": 0, "val": 1}
 _OBJECTS_PER_IMAGE = np.array([1, 2, 3])
-_OBJECTS_PROBS = np.array([0.35, 0.40, 0.25])
+_OBJECTS_PROBS = np.array([0.40, 0.40, 0.20])
 _JPEG_QUALITY = 90
 # Base hue of class c is _HUE_ORDER[c - 1] / 20: a permutation, so classes with
 # neighbouring ids (same texture or same shape) do not get neighbouring hues.
 _HUE_ORDER = (np.arange(NUM_CLASSES - 1) * 7) % (NUM_CLASSES - 1)
-_HUE_JITTER = 0.12
+_HUE_JITTER = 0.1
 # Radius multipliers that give every shape about the area of the unit disc (pi).
-_SHAPE_SCALE = {"disc": 1.0, "square": 0.90, "triangle": 1.30, "cross": 1.18, "ring": 1.13}
+_SHAPE_SCALE = {"disc": 1.0, "square": 0.90, "triangle": 1.30, "cross": 1.18, "ring": 1.10}
 
 
 def voc_palette(num_entries: int = 256) -> np.ndarray:
@@ -112,7 +112,7 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         return ((np.abs(u) <= arm) & (np.abs(v) <= 1.0)) | ((np.abs(v) <= arm) & (np.abs(u) <= 1.0))
     if shape == "ring":
         radius2 = u * u + v * v
-        return (radius2 <= 1.0) & (radius2 >= 0.5 * 0.5)
+        return (radius2 <= 1.0) & (radius2 >= 0.42 * 0.42)
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 

@@ -35,6 +35,7 @@ def make_row(step: int, metrics: Metrics, groups: Dict[str, List[int]], task: Ta
         "pixel_acc": _clean(metrics.pixel_acc),
         "mean_acc": _clean(metrics.mean_class_acc),
         "fw_iou": _clean(metrics.fw_iou),
+        "num_pixels": metrics.num_pixels,  # evaluated (non-ignored) pixels
     }
     row.update({k: _clean(v) for k, v in metrics.group_miou(groups).items()})
     row["groups"] = groups

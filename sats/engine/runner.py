@@ -254,10 +254,11 @@ class Runner:
                 with self.autocast():
                     out = train_model(batch.images, need=needs)
                     old_out = None
-                    if old_model is not None:
+                    if old_model is not None and self.method.old_forward:
                         with torch.no_grad():
                             old_out = old_model(batch.images, need=old_needs)
                     terms = self.method.loss(batch, out, old_out, ctx)
+                del out, old_out  # the old model's maps (e.g. attention) are freed before backward
                 loss = sum(terms.values())
                 if not torch.isfinite(loss):
                     bad_terms = [k for k, v in terms.items() if not torch.isfinite(v)]
@@ -273,9 +274,9 @@ class Runner:
                     continue
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)  # after_backward and clipping see true gradients (no-op unless fp16)
                 self.method.after_backward(ctx)
                 if cfg.grad_clip > 0:
-                    scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 scaler.step(optimizer)
                 scaler.update()

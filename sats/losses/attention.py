@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sats.losses.ce import IGNORE_INDEX
+
 __all__ = [
-    "IGNORE_INDEX",
     "class_region_weights",
     "downsample_labels",
     "sats_attention_loss",
@@ -37,7 +38,6 @@ __all__ = [
     "sats_feature_loss",
 ]
 
-IGNORE_INDEX = 255
 Pooling = Literal["class", "global", "none"]
 
 

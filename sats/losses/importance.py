@@ -21,6 +21,7 @@ Life cycle of a tracker (one object per step, state carried by the checkpoint)::
         main_loss.backward()                   # gradients unscaled (AMP) before update
         tracker.update(model.named_parameters())          # before the penalty's backward
         (lam * tracker.penalty(model.named_parameters())).backward()
+        # or, without a second backward (DDP): tracker.add_penalty_grad_(model.named_parameters(), lam)
         optimizer.step()
     tracker.end_step(model.named_parameters())
     checkpoint["regularizer"] = tracker.state_dict()
@@ -519,7 +520,7 @@ class PathIntegral(ImportanceTracker):
 
     def _theta_start(self, name: str) -> Tensor:
         if name in self.old_params:
-            return self.start_new.get(name, self.old_params[name])
+            return self.old_params[name]
         if name in self.start_new:
             return self.start_new[name]
         raise KeyError(f"PathIntegral: no starting value for parameter {name!r}")

@@ -94,6 +94,8 @@ def local_pod_loss(
     num_classes_seen: int,
     num_new: int,
     scales: Sequence[int] = DEFAULT_SCALES,
+    *,
+    skip_unfit_scales: bool = False,
 ) -> Tensor:
     """PLOP's local POD loss ``(1/L) Σ_l λ_l · sqrt(K_t / |C^t|) · ℓ_l`` (METHODS.md §3.9). Scalar float32.
 
@@ -105,6 +107,10 @@ def local_pod_loss(
         layer_weights: ``λ_l`` per map, or one value for all (VOC: 0.01 for features, 0.0005 for
             the logits). Layers with weight 0 are skipped but still count in ``L``.
         num_classes_seen: ``K_t``; num_new: ``|C^t|`` (the POD schedule ``sqrt(K_t/|C^t|)``).
+        skip_unfit_scales: for each map, drop the scales ``s`` whose regions would be empty
+            (``⌊min(H_l, W_l)/s⌋ = 0``, e.g. scale 4 on a 2×2 stage-4 map of a small crop) instead of
+            raising. The reference gets NaN there and silently drops the whole layer (§6 item 24);
+            at the paper's 512 crops every map is ≥ 16 px and nothing is dropped.
     """
     if len(old_maps) != len(new_maps) or not old_maps:
         raise ValueError(f"local_pod_loss: got {len(old_maps)} old and {len(new_maps)} new maps (need the same number > 0)")
@@ -126,5 +132,8 @@ def local_pod_loss(
                     "(the logits) may have extra new channels"
                 )
             new = collapse_new_channels(new, old.shape[1])
-        total = total + weight * schedule * pod_distance(old, new, scales)
+        map_scales = scales
+        if skip_unfit_scales:
+            map_scales = [s for s in scales if min(new.shape[-2:]) // s >= 1]
+        total = total + weight * schedule * pod_distance(old, new, map_scales)
     return total / num_layers

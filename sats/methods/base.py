@@ -81,6 +81,9 @@ class Method:
     #: outputs of the old model the loss reads (only when ``uses_old_model``)
     old_needs: ClassVar[frozenset] = frozenset()
     uses_old_model: ClassVar[bool] = False
+    #: whether the engine runs the old model's forward every iteration (False: the method reads only the
+    #: old model's weights, e.g. EWC/RW/PI, so the frozen copy is kept but never run)
+    old_forward: ClassVar[bool] = True
     #: new-head initialisation: "default" | "background" (MiB) | "unknown" (SSUL)
     head_init: ClassVar[str] = "default"
     #: step-0 recipe: "ce" = plain cross-entropy (shareable across methods); None = the method's own step 0
@@ -114,7 +117,8 @@ class Method:
         raise NotImplementedError
 
     def after_backward(self, ctx: StepContext) -> None:
-        """After ``backward`` and before the optimiser step (gradients are available)."""
+        """After ``backward`` and before the optimiser step: ``p.grad`` holds the true (unscaled, with fp16 AMP)
+        gradients of the summed loss terms, which the method may read and modify in place."""
 
     def after_optimizer_step(self, ctx: StepContext) -> None:
         """After the optimiser step (parameters have moved)."""

@@ -17,6 +17,8 @@
   the 256-d fused decoder map; DeepLab: the ASPP output) with λ = ``pod_factor``, and
   ``logits_small`` with λ = ``pod_logits_factor`` (new channels summed into the background).
   The SegFormer mapping is ours: the reference's SegFormer exposes no such features (§2.4, §6 item 8).
+  Scales {1, 2, 4} are used on every map; on maps smaller than 4 px (small demo crops only) the
+  scales that do not fit are skipped for that map (the reference would get NaN and drop the layer).
 
 VOC values: ``pod_factor`` 0.01, ``pod_logits_factor`` 0.0005; ADE with DeepLab 0.001 / 0.00001
 (``configs/_base_/methods/plop_ade_deeplab.yaml``).
@@ -93,7 +95,8 @@ class PLOP(Method):
         old_maps, new_maps = pod_maps(old_out), pod_maps(out)
         weights = [p.pod_factor] * (len(new_maps) - 1) + [p.pod_logits_factor]
         num_new = ctx.num_outputs - ctx.num_old
-        pod = local_pod_loss(old_maps, new_maps, weights, num_classes_seen=ctx.num_outputs, num_new=num_new)
+        pod = local_pod_loss(old_maps, new_maps, weights, num_classes_seen=ctx.num_outputs, num_new=num_new,
+                             skip_unfit_scales=True)
         return {"ce": ce, "pod": pod}
 
     def state_dict(self) -> Dict[str, Any]:

@@ -98,12 +98,10 @@ class ModelConfig:
                 raise ValueError(f"model.{key} must be 4 positive integers, got {value!r}")
             setattr(self, key, value)
         if self.backbone == "mit_custom":
-            dims, heads = self.mit_arch()["embed_dims"], self.mit_arch()["num_heads"]
-            for stage, (dim, head) in enumerate(zip(dims, heads), start=1):
+            arch = self.mit_arch()
+            for stage, (dim, head) in enumerate(zip(arch["embed_dims"], arch["num_heads"])):
                 if dim % head:
-                    raise ValueError(
-                        f"model.embed_dims[{stage - 1}]={dim} is not divisible by model.num_heads[{stage - 1}]={head}"
-                    )
+                    raise ValueError(f"model.embed_dims[{stage}]={dim} is not divisible by model.num_heads[{stage}]={head}")
 
     @property
     def is_mit(self) -> bool:

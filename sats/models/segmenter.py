@@ -145,6 +145,8 @@ def frozen_copy(model: Segmenter) -> Segmenter:
     frozen = copy.deepcopy(model)
     frozen.eval()
     frozen.requires_grad_(False)
+    for parameter in frozen.parameters():
+        parameter.grad = None
     return frozen
 
 
