@@ -6,6 +6,9 @@
     sats list methods|tasks|backbones [--dataset voc]
     sats data check (CONFIG | --dataset voc --root PATH)
     sats data synthetic --root PATH [--num-train N --num-val N --seed S]
+    sats report RUN_DIR [RUN_DIR ...] [-o OUT]
+    sats visualize RUN_DIR [--images N] [--step S] [--start K | --ids A,B] [-o OUT.png]
+    sats visualize RUN_DIR --tsne [--step S] [--per-class M] [--max-images N] [-o OUT.png]
 """
 
 from __future__ import annotations
@@ -133,6 +136,62 @@ def cmd_data(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return 1 if bad else 0
 
 
+def _user_error(exc: Exception) -> int:
+    """Print a report/visualize error (bad path, missing file or optional dependency) without a traceback."""
+    print(f"sats: error: {exc}", file=sys.stderr)
+    return 2
+
+
+def cmd_report(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    try:
+        return _report(args)
+    except (FileNotFoundError, ValueError) as exc:
+        return _user_error(exc)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from sats.report.summary import write_report
+
+    files = write_report(args.run_dirs, Path(args.output))
+    print(Path(files.summary_md).read_text())
+    written = [files.summary_md, files.summary_csv, files.curves_png, *files.heatmaps.values()]
+    if files.paper_csv is not None:
+        written.append(files.paper_csv)
+    print("written:\n" + "\n".join(f"  {p}" for p in written))
+    return 0
+
+
+def cmd_visualize(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from sats.engine.checkpoint import CheckpointError
+
+    try:
+        return _visualize(args)
+    except (FileNotFoundError, ValueError, ImportError, CheckpointError) as exc:
+        return _user_error(exc)
+
+
+def _visualize(args: argparse.Namespace) -> int:
+    if args.tsne:
+        from sats.report.tsne import write_tsne
+
+        if args.step is not None and not args.step.isdigit():
+            raise ValueError(f"--tsne takes one step number, got --step {args.step!r}")
+        step = None if args.step is None else int(args.step)
+        path = write_tsne(args.run_dir, args.output, step=step, per_class=args.per_class, max_images=args.max_images,
+                          device=args.device, seed=args.seed)
+    else:
+        from sats.report.visualize import open_run, plot_prediction_grid, predict_grid
+
+        ctx = open_run(args.run_dir, args.device)
+        steps = parse_steps(args.step, ctx.num_steps)
+        ids = [i for i in args.ids.split(",") if i] if args.ids else None
+        grid = predict_grid(ctx, args.images, steps, args.start, ids)
+        path = plot_prediction_grid(grid, ctx, Path(args.output) if args.output else
+                                    ctx.run_dir / "figures" / "predictions.png")
+    print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sats", description="Continual semantic segmentation: SATS and its baselines.")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -171,6 +230,26 @@ def build_parser() -> argparse.ArgumentParser:
     da.add_argument("--max-size", type=int, default=112)
     da.add_argument("--seed", type=int, default=0)
     da.set_defaults(func=cmd_data)
+
+    r = sub.add_parser("report", help="tables (markdown, CSV) and figures across run directories")
+    r.add_argument("run_dirs", nargs="+", help="run directories (each with a results.json)")
+    r.add_argument("-o", "--output", default="runs/report", help="output folder (default runs/report)")
+    r.set_defaults(func=cmd_report)
+
+    v = sub.add_parser("visualize", help="prediction grid after each step, or a t-SNE of decoder features")
+    v.add_argument("run_dir")
+    v.add_argument("--images", type=int, default=4, help="test images (rows of the grid)")
+    v.add_argument("--step", default=None, help="grid: steps to show (N, A:B, A:; default all); "
+                                                 "--tsne: the step (default the last)")
+    v.add_argument("--start", type=int, default=0, help="first test image of the grid")
+    v.add_argument("--ids", default=None, help="comma-separated image ids instead of --images/--start")
+    v.add_argument("--tsne", action="store_true", help="t-SNE of the decoder features (needs openTSNE)")
+    v.add_argument("--per-class", type=int, default=200, help="t-SNE: pixels per class")
+    v.add_argument("--max-images", type=int, default=100, help="t-SNE: test images visited")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    v.add_argument("-o", "--output", default=None, help="PNG path (default RUN_DIR/figures/...)")
+    v.set_defaults(func=cmd_visualize)
     return p
 
 

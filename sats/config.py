@@ -59,6 +59,7 @@ class DataConfig:
     on_error: str = "raise"  # raise | skip: what a bad image/mask does (up-front check)
     check: bool = True  # validate every file of the used lists before training
     cache_dir: str = ".cache/sats"  # split and threshold caches (keys include their inputs)
+    saliency_root: Optional[str] = None  # folder of precomputed saliency maps <id>.png (SSUL; sats.data.saliency)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self) -> None:
@@ -121,6 +122,31 @@ class TrainConfig:
 
 
 @dataclass
+class MemoryConfig:
+    """Exemplar memory of the "-M" variants (METHODS.md §3.12; :mod:`sats.data.memory`).
+
+    At the end of every step ``s`` the images of step ``s + 1``'s memory are selected from step
+    ``s``'s training list (class-balanced, deterministic) and stored as image ids in
+    ``<run_dir>/memory/step{s+1}.json``. Each training batch of a step ``t > 0`` is then half
+    current-step images and half memory images, and an epoch has twice as many iterations.
+    """
+
+    enabled: bool = False
+    size: int = 100  # total budget N: k = ceil(N / old foreground classes) images per class (VOC 100, ADE 300)
+    #: fixed images per class instead of ceil(size / classes): the released code loads the first 7 entries
+    #: per class on VOC for every method but SATS (which loads all ~300: memory.size=300 reproduces that)
+    per_class: Optional[int] = None
+    #: True: pseudo-labelling methods (PLOP, SATS) overwrite the old-class ground truth of memory images,
+    #: as the reference does; False: memory images keep it (the methods read ``cfg.memory.reference_labels``)
+    reference_labels: bool = False
+
+    def __post_init__(self) -> None:
+        _positive("memory.size", self.size)
+        if self.per_class is not None:
+            _positive("memory.per_class", self.per_class)
+
+
+@dataclass
 class LogConfig:
     tensorboard: bool = True
     overlay_images: int = 4  # prediction overlays written to tensorboard after each step
@@ -138,6 +164,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     log: LogConfig = field(default_factory=LogConfig)
     method: Dict[str, Any] = field(default_factory=lambda: {"name": "ft"})
 

@@ -8,7 +8,6 @@ mIoU per step. Methods whose step 0 is plain CE share one step-0 checkpoint.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -16,6 +15,9 @@ from typing import Dict, List, Optional, Sequence
 
 from sats.config import ConfigError, load_config
 from sats.engine.checkpoint import write_json_atomic, write_text_atomic
+from sats.report.plots import plot_step_curves
+from sats.report.runs import load_runs
+from sats.report.tables import summary_markdown
 
 log = logging.getLogger("sats")
 
@@ -50,53 +52,12 @@ def run_demo(output: Path = Path("runs/demo"), methods: Optional[Sequence[str]] 
         timings[name] = time.perf_counter() - tic
         all_rows[name] = rows
         log.info("demo: %s done in %.0f s", name, timings[name])
-    table = summary_table(all_rows, timings)
+    runs = load_runs([output / name for name in methods])
+    table = summary_markdown(runs, {run.label: timings[name] for run, name in zip(runs, methods)})
     print("\n" + table)
     output.mkdir(parents=True, exist_ok=True)
     write_text_atomic(output / "summary.md", table)
     write_json_atomic(output / "summary.json", {"methods": all_rows, "seconds": timings})
-    plot_path = plot_steps(all_rows, output / "miou_per_step.png")
+    plot_path = plot_step_curves(runs, output / "miou_per_step.png")
     print(f"results: {output}/summary.md, plot: {plot_path}")
     return all_rows
-
-
-def _pct(v: Optional[float]) -> str:
-    return "–" if v is None else f"{v * 100:.1f}"
-
-
-def summary_table(all_rows: Dict[str, List[dict]], seconds: Optional[Dict[str, float]] = None) -> str:
-    """Markdown: old / new / all after the last step and all averaged over steps, per method."""
-    lines = ["| method | old | new | all | avg all over steps | seconds |", "|---|---:|---:|---:|---:|---:|"]
-    for name, rows in all_rows.items():
-        last = rows[-1]
-        avg = sum(r["all"] for r in rows if r.get("all") is not None) / max(1, len(rows))
-        sec = f"{seconds[name]:.0f}" if seconds and name in seconds else "–"
-        lines.append(f"| {name} | {_pct(last.get('old'))} | {_pct(last.get('new'))} | {_pct(last.get('all'))} | "
-                     f"{_pct(avg)} | {sec} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot_steps(all_rows: Dict[str, List[dict]], path: Path) -> Path:
-    """mIoU (all classes seen) after each step, one line per method (joint drawn as a level)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    num_steps = max(len(r) for r in all_rows.values())
-    for name, rows in all_rows.items():
-        if len(rows) == 1 and num_steps > 1:
-            ax.axhline(rows[0]["all"] * 100, ls="--", color="gray", label=f"{name} (upper bound)")
-            continue
-        ax.plot([r["step"] for r in rows], [r["all"] * 100 for r in rows], marker="o", label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("mIoU over seen classes (%)")
-    ax.set_xticks(range(num_steps))
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path

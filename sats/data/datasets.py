@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -373,10 +374,13 @@ class StepDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         positions: positions into ``files`` of the images of this step.
         lut: (256,) uint8 table from `sats.data.labels`.
         transform: ``(PIL image, (H, W) uint8 mask) -> ((3, H', W') float32, (H', W') int64)``.
+        saliency: optional per-image saliency source (`sats.data.saliency.FolderSaliency`); its
+            (H, W) uint8 map is passed to ``transform`` as a third argument, and the item becomes
+            ``(image, mask, (H', W') float32 saliency in [0, 1])``.
     """
 
     def __init__(self, files: SegmentationFiles, positions: Sequence[int] | np.ndarray,
-                 lut: np.ndarray, transform: Transform) -> None:
+                 lut: np.ndarray, transform: Transform, saliency: Any = None) -> None:
         self.files = files
         self.positions = np.asarray(positions, dtype=np.int64).reshape(-1)
         if self.positions.size and (self.positions.min() < 0 or self.positions.max() >= len(files)):
@@ -386,10 +390,15 @@ class StepDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         if self.lut.shape != (LUT_SIZE,):
             raise ValueError(f"lookup table must have shape ({LUT_SIZE},), got {self.lut.shape}")
         self.transform = transform
+        self.saliency = saliency
 
     def __len__(self) -> int:
         return int(self.positions.size)
 
-    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, mask = self.files.read_pair(int(self.positions[k]))
-        return self.transform(image, apply_lut(self.lut, mask))
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, ...]:
+        position = int(self.positions[k])
+        image, mask = self.files.read_pair(position)
+        if self.saliency is None:
+            return self.transform(image, apply_lut(self.lut, mask))
+        saliency = self.saliency.read(self.files.ids[position], shape=mask.shape)
+        return self.transform(image, apply_lut(self.lut, mask), saliency)  # type: ignore[call-arg]

@@ -9,8 +9,8 @@ with one *texture*::
 
 so neither the shape nor the texture alone names the class (ids 1-5 are the
 five shapes with horizontal stripes, 16-20 the five solid shapes). Colour is a
-weak cue only: every class has a base hue, jittered by +-0.2 of the hue circle
-per object (the base hues of neighbouring classes are 0.05 apart). Texture
+weak cue only: every class has a base hue, jittered by +-0.1 of the hue circle
+per object (base hues are 0.05 apart, so about +-2 hue slots). Texture
 periods and object sizes scale with the image's shorter side, so resizing an
 image to any training size keeps the cues at the same relative scale.
 
@@ -34,6 +34,7 @@ import colorsys
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from sats.data.classes import VOC_PALETTE
 
 __all__ = [
     "CLASS_SHAPE_TEXTURE",
@@ -54,7 +57,6 @@ __all__ = [
     "generate_synthetic",
     "read_synthetic_info",
     "render_sample",
-    "voc_palette",
 ]
 
 SYNTHETIC_VERSION = 1
@@ -69,6 +71,8 @@ CLASS_SHAPE_TEXTURE: tuple[tuple[str, str], ...] = tuple(
 )
 """Entry ``c - 1`` is the (shape, texture) of class ``c``."""
 
+DEFAULTS: dict[str, Any] = {"num_train": 800, "num_val": 120, "size": (64, 112), "seed": 0}
+"""Generation defaults (those of `sats.config.SyntheticConfig`)."""
 INFO_FILE = "synthetic.json"
 SPLIT_LISTS = {"train": "splits/train_aug.txt", "val": "splits/val.txt"}
 _SPLIT_CODE = {"train": 0, "val": 1}
@@ -83,17 +87,7 @@ _HUE_JITTER = 0.1
 _SHAPE_SCALE = {"disc": 1.0, "square": 0.90, "triangle": 1.30, "cross": 1.18, "ring": 1.10}
 
 
-def voc_palette(num_entries: int = 256) -> np.ndarray:
-    """The standard PASCAL VOC colour map: `(num_entries, 3)` uint8 (bit-interleaved index)."""
-    index = np.arange(num_entries)
-    palette = np.zeros((num_entries, 3), dtype=np.int64)
-    for bit in range(8):
-        for channel in range(3):
-            palette[:, channel] |= ((index >> (3 * bit + channel)) & 1) << (7 - bit)
-    return palette.astype(np.uint8)
-
-
-_PALETTE_BYTES = voc_palette().tobytes()
+_PALETTE_BYTES = VOC_PALETTE.tobytes()
 
 
 # --------------------------------------------------------------------------- drawing
@@ -157,29 +151,16 @@ def _object_colours(rng: np.random.Generator, class_id: int) -> tuple[np.ndarray
         partner = main * rng.uniform(0.15, 0.4)
     else:  # pale partner, shifted towards white
         partner = main + (255.0 - main) * rng.uniform(0.6, 0.85)
-        partner = partner * 0.95 if value > 0.9 and saturation < 0.6 else partner
     return main, partner
 
 
 def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """Textured background: low-frequency colour blotches, optional faint diagonal stripes -> float (H, W, 3)."""
-    grid = rng.integers(3, 6)
-    hues = rng.random((grid, grid))
-    sats = rng.uniform(0.0, 0.35, (grid, grid))
-    vals = rng.uniform(0.25, 0.75, (grid, grid))
-    coarse = np.array(
-        [colorsys.hsv_to_rgb(h, s, v) for h, s, v in zip(hues.ravel(), sats.ravel(), vals.ravel())]
-    ).reshape(grid, grid, 3)
-    small = Image.fromarray(np.round(coarse * 255).astype(np.uint8), "RGB")
-    background = np.asarray(small.resize((width, height), Image.Resampling.BICUBIC), dtype=np.float64)
-    if rng.random() < 0.0:
-        period = min(height, width) * rng.uniform(0.15, 0.3)
-        ys = np.arange(height)[:, None]
-        xs = np.arange(width)[None, :]
-        sign = 1 if rng.random() < 0.5 else -1
-        stripes = np.sin(2 * np.pi * ((xs + sign * ys) / period + rng.random()))
-        background += 14.0 * stripes[..., None]
-    return background
+    """Low-frequency blotches of greyish colours (a 3x3..5x5 grid, bicubic upsampled) -> float (H, W, 3)."""
+    grid = int(rng.integers(3, 6))
+    hsv = np.stack([rng.random(grid * grid), rng.uniform(0.0, 0.35, grid * grid), rng.uniform(0.25, 0.75, grid * grid)], 1)
+    coarse = np.array([colorsys.hsv_to_rgb(*colour) for colour in hsv]).reshape(grid, grid, 3)
+    small = Image.fromarray(np.round(coarse * 255).astype(np.uint8))
+    return np.asarray(small.resize((width, height), Image.Resampling.BICUBIC), dtype=np.float64)
 
 
 def render_sample(
@@ -265,8 +246,8 @@ def _normalise_args(num_train: int, num_val: int, size: int | Sequence[int], see
         low, high = int(size[0]), int(size[1])
     else:
         raise ValueError(f"size must be an int or a (low, high) pair of ints, got {size!r}")
-    if not 32 <= low <= high:
-        raise ValueError(f"size must satisfy 32 <= low <= high, got {size!r}")
+    if not 16 <= low <= high:
+        raise ValueError(f"size must satisfy 16 <= low <= high, got {size!r}")
     return {"num_train": int(num_train), "num_val": int(num_val), "size": [low, high], "seed": int(seed)}
 
 
@@ -295,8 +276,8 @@ def _write_sample(job: tuple[str, int, _SamplePlan]) -> None:
     root, seed, plan = job
     rng = np.random.default_rng([seed, _SPLIT_CODE[plan.split], plan.index])
     image, mask = render_sample(rng, plan.height, plan.width, plan.classes)
-    Image.fromarray(image, "RGB").save(Path(root, "JPEGImages", f"{plan.image_id}.jpg"), quality=_JPEG_QUALITY)
-    mask_image = Image.fromarray(mask, "L").convert("P")
+    Image.fromarray(image).save(Path(root, "JPEGImages", f"{plan.image_id}.jpg"), quality=_JPEG_QUALITY)
+    mask_image = Image.fromarray(mask).convert("P")  # L -> P keeps the values as indices
     mask_image.putpalette(_PALETTE_BYTES)
     mask_image.save(Path(root, "SegmentationClassAug", f"{plan.image_id}.png"))
 
@@ -315,30 +296,55 @@ def read_synthetic_info(root: str | os.PathLike[str]) -> dict[str, Any] | None:
     return info
 
 
-def _replace_dir(source: Path, target: Path) -> None:
-    """Move the finished folder `source` to `target`, replacing an older synthetic dataset there."""
+def _check_target(target: Path) -> None:
+    """Raise FileExistsError unless `target` is absent, an empty folder or a synthetic dataset."""
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a directory")
+    if read_synthetic_info(target) is None and any(target.iterdir()):
+        raise FileExistsError(f"{target} is a non-empty folder without {INFO_FILE}; refusing to overwrite it")
+
+
+def _holds_dataset(root: Path, args: dict[str, Any]) -> bool:
+    """True when `root` holds a complete dataset of this version generated with `args`."""
+    info = read_synthetic_info(root) if root.is_dir() else None
+    if info is None or info.get("version") != SYNTHETIC_VERSION:
+        return False
+    return all(info.get(key) == value for key, value in args.items()) and _listed_files_exist(root)
+
+
+def _move_into_place(source: Path, target: Path, args: dict[str, Any]) -> None:
+    """Rename the finished folder `source` to `target`, replacing an older synthetic dataset there.
+
+    When another process finished the same generation first (same arguments, so
+    the same bytes), its folder is kept and `source` is left for the caller to delete.
+    """
+    _check_target(target)
     if target.exists():
-        if not target.is_dir():
-            raise FileExistsError(f"{target} exists and is not a directory")
-        if any(target.iterdir()) and read_synthetic_info(target) is None:
-            raise FileExistsError(f"{target} is a non-empty folder without {INFO_FILE}; refusing to overwrite it")
-        trash = target.with_name(f".{target.name}.old-{os.getpid()}")
-        if trash.exists():
+        if _holds_dataset(target, args):
+            return
+        trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        target.rename(trash / "old")
+        try:
+            source.rename(target)
+        finally:
             shutil.rmtree(trash)
-        target.rename(trash)
+        return
+    try:
         source.rename(target)
-        shutil.rmtree(trash)
-    else:
-        source.rename(target)
+    except OSError as error:  # another process renamed its copy into place in between
+        if not _holds_dataset(target, args):
+            raise OSError(f"could not move {source} to {target}: {error}") from error
 
 
 def generate_synthetic(
     root: str | os.PathLike[str],
     *,
-    num_train: int = 1000,
-    num_val: int = 150,
-    size: int | Sequence[int] = (64, 128),
-    seed: int = 0,
+    num_train: int = DEFAULTS["num_train"],
+    num_val: int = DEFAULTS["num_val"],
+    size: int | Sequence[int] = DEFAULTS["size"],
+    seed: int = DEFAULTS["seed"],
     workers: int = 1,
 ) -> Path:
     """Write the synthetic dataset in VOC layout under `root` and return `root` as a Path.
@@ -353,16 +359,13 @@ def generate_synthetic(
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive int, got {workers!r}")
     root = Path(root)
+    _check_target(root)
     root.parent.mkdir(parents=True, exist_ok=True)
-    partial = root.with_name(f".{root.name}.partial-{os.getpid()}")
-    if partial.exists():
-        shutil.rmtree(partial)
-    for folder in ("JPEGImages", "SegmentationClassAug", "splits"):
-        (partial / folder).mkdir(parents=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
     try:
-        plans = {
-            split: _plan_split(split, args[f"num_{split}"], args["size"], args["seed"]) for split in SPLIT_LISTS
-        }
+        for folder in ("JPEGImages", "SegmentationClassAug", "splits"):
+            (partial / folder).mkdir()
+        plans = {split: _plan_split(split, args[f"num_{split}"], args["size"], args["seed"]) for split in SPLIT_LISTS}
         jobs = [(str(partial), args["seed"], plan) for split_plans in plans.values() for plan in split_plans]
         if workers == 1:
             for job in jobs:
@@ -380,7 +383,7 @@ def generate_synthetic(
             "classes": {str(c + 1): f"{shape}/{texture}" for c, (shape, texture) in enumerate(CLASS_SHAPE_TEXTURE)},
         }
         (partial / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
-        _replace_dir(partial, root)
+        _move_into_place(partial, root, args)
     finally:
         if partial.exists():
             shutil.rmtree(partial)
@@ -388,21 +391,19 @@ def generate_synthetic(
 
 
 def ensure_synthetic(root: str | os.PathLike[str], **kwargs: Any) -> Path:
-    """Return `root` holding the synthetic dataset of `kwargs` (those of `generate_synthetic`).
+    """Return `root` as a Path holding the synthetic dataset of `kwargs` (the arguments of `generate_synthetic`).
 
-    Generates only if `root` has no synthetic.json, or its version or generation
-    arguments differ from the requested ones, or a listed file is missing.
+    Generates only if `root` has no synthetic.json, its version or generation
+    arguments differ from the requested ones (defaults filled in), or a listed
+    file is missing. `workers` only affects speed, not the files.
     """
     workers = kwargs.pop("workers", 1)
-    defaults = {"num_train": 1000, "num_val": 150, "size": (64, 128), "seed": 0}
-    unknown = set(kwargs) - set(defaults)
+    unknown = set(kwargs) - set(DEFAULTS)
     if unknown:
         raise TypeError(f"ensure_synthetic got unexpected arguments {sorted(unknown)}")
-    args = _normalise_args(**{**defaults, **kwargs})
-    info = read_synthetic_info(root) if Path(root).is_dir() else None
-    if info is not None and info.get("version") == SYNTHETIC_VERSION and all(info.get(k) == v for k, v in args.items()):
-        if _listed_files_exist(Path(root)):
-            return Path(root)
+    args = _normalise_args(**{**DEFAULTS, **kwargs})
+    if _holds_dataset(Path(root), args):
+        return Path(root)
     return generate_synthetic(root, workers=workers, **args)
 
 

@@ -124,6 +124,14 @@ def resized_crop(image: Image.Image, mask: np.ndarray, box: tuple[int, int, int,
     return image_out, mask_out
 
 
+def resized_crop_map(values: np.ndarray, box: tuple[int, int, int, int], size: tuple[int, int]) -> np.ndarray:
+    """Crop ``box`` = (top, left, height, width) of a (H, W) uint8 map and resize it (nearest) to ``size``."""
+    top, left, height, width = box
+    img = Image.fromarray(np.asarray(values, dtype=np.uint8))
+    return np.asarray(img.crop((left, top, left + width, top + height)).resize((size[1], size[0]),
+                                                                                 Image.Resampling.NEAREST))
+
+
 def random_resized_crop_box(width: int, height: int, scale: tuple[float, float],
                             ratio: tuple[float, float], rng: Rng = None,
                             attempts: int = 10) -> tuple[int, int, int, int]:
@@ -165,14 +173,26 @@ class TrainTransform:
         self.crop_size = _pair(crop_size)
         self.scale, self.ratio, self.flip, self.rng = scale, ratio, flip, rng
 
-    def __call__(self, image: Image.Image, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, image: Image.Image, mask: np.ndarray,
+                 aux: np.ndarray | None = None) -> tuple[torch.Tensor, ...]:
+        """``aux``: an optional (H, W) uint8 map (e.g. saliency 0–255) given the mask's crop, resize
+        (nearest) and flip, returned third as (H', W') float32 in [0, 1]."""
         _check_pair(image, mask)
+        if aux is not None and np.asarray(aux).shape != (image.height, image.width):
+            raise ValueError(f"aux map shape {np.asarray(aux).shape} differs from image size "
+                             f"{image.height}x{image.width} (H x W)")
         box = random_resized_crop_box(image.width, image.height, self.scale, self.ratio, self.rng)
         image, mask = resized_crop(image, mask, box, self.crop_size)
-        if self.flip and _Random(self.rng).random() < 0.5:
+        flipped = self.flip and _Random(self.rng).random() < 0.5
+        if flipped:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             mask = mask[:, ::-1]
-        return to_tensor(image, mask)
+        if aux is None:
+            return to_tensor(image, mask)
+        aux_out = resized_crop_map(aux, box, self.crop_size)
+        if flipped:
+            aux_out = aux_out[:, ::-1]
+        return (*to_tensor(image, mask), torch.from_numpy(aux_out.astype(np.float32) / 255.0))
 
 
 def resize_shorter(image: Image.Image, mask: np.ndarray, size: int) -> tuple[Image.Image, np.ndarray]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -13,12 +13,16 @@ from torch.utils.data import DataLoader, Sampler
 
 from sats.config import DataConfig, ExperimentConfig, TrainConfig, digest
 from sats.data.datasets import DataError, SegmentationFiles, StepDataset, build_files, check_dataset, format_problems
-from sats.data.labels import test_lut, train_lut, val_lut
-from sats.data.splits import StepSplit, compute_splits, import_reference_splits
+from sats.data.labels import memory_lut, test_lut, train_lut, val_lut
+from sats.data.memory import StepMemory, build_step_memory, load_memory, memory_classes, memory_path, per_class_quota, \
+    save_memory
+from sats.data.saliency import FolderSaliency, ensure_saliency_from_masks, resolve_saliency_root
+from sats.data.splits import StepSplit, class_presence, compute_splits, import_reference_splits
 from sats.data.tasks import Task, get_task
 from sats.data.transforms import eval_transform, train_transform
 from sats.engine.distributed import DistInfo
 from sats.engine.evaluator import ShardedEvalSampler
+from sats.methods.base import Batch
 
 log = logging.getLogger("sats")
 
@@ -71,6 +75,75 @@ class EpochShuffleSampler(Sampler[int]):
         return self.size // self.world
 
 
+class MemorySampler(Sampler[int]):
+    """``num_samples`` exemplar-memory indices per rank and epoch, seeded like :class:`EpochShuffleSampler`.
+
+    The memory (``size`` images) is usually smaller than what an epoch draws, so the stream is a
+    sequence of seeded permutations of the memory; rank ``r`` takes ``perm[r::world]`` of each, so
+    within a permutation the ranks see disjoint images. Depends only on the epoch seed (resume).
+    """
+
+    def __init__(self, size: int, num_samples: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        if size < world_size:
+            raise DataError(f"the exemplar memory holds {size} image(s), fewer than the {world_size} processes")
+        self.size, self.num_samples, self.rank, self.world = size, num_samples, rank, world_size
+        self.epoch_seed = seed
+
+    def set_epoch_seed(self, seed: int) -> None:
+        self.epoch_seed = seed
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed((self.epoch_seed * 2_654_435_761 + 97) % (2**63 - 1))
+        out: List[int] = []
+        while len(out) < self.num_samples:
+            out += torch.randperm(self.size, generator=g)[self.rank::self.world].tolist()
+        return iter(out[:self.num_samples])
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def _as_batch(item: Sequence[torch.Tensor], is_memory: Optional[torch.Tensor] = None) -> Batch:
+    return Batch(images=item[0], labels=item[1], saliency=item[2] if len(item) > 2 else None, is_memory=is_memory)
+
+
+class TrainBatches:
+    """A step's training batches as :class:`~sats.methods.base.Batch` (CPU tensors).
+
+    Without memory: the current-step loader. With memory (METHODS.md §3.12): each batch is a
+    current-step batch of ``B // 2`` images followed by a memory batch of ``B − B // 2`` images
+    (``is_memory`` marks the latter); an epoch is one pass over the current-step images, so it has
+    about twice the iterations of a memory-less epoch.
+    """
+
+    def __init__(self, current: DataLoader, memory: Optional[DataLoader] = None) -> None:
+        self.current, self.memory = current, memory
+
+    @property
+    def dataset(self) -> Any:
+        """The current-step dataset."""
+        return self.current.dataset
+
+    def __len__(self) -> int:
+        return len(self.current)
+
+    def set_epoch_seed(self, seed: int) -> None:
+        self.current.sampler.set_epoch_seed(seed)
+        if self.memory is not None:
+            self.memory.sampler.set_epoch_seed(seed)
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.memory is None:
+            for item in self.current:
+                yield _as_batch(item)
+            return
+        for current, memory in zip(self.current, self.memory):
+            merged = [torch.cat([a, b]) for a, b in zip(current, memory)]
+            is_memory = torch.cat([torch.zeros(len(current[0]), dtype=torch.bool),
+                                   torch.ones(len(memory[0]), dtype=torch.bool)])
+            yield _as_batch(merged, is_memory)
+
+
 @dataclass
 class ExperimentData:
     """Everything data-related of one experiment, built once and shared by every step."""
@@ -81,6 +154,7 @@ class ExperimentData:
     val_files: SegmentationFiles
     splits: List[StepSplit]
     skipped: Dict[str, int] = field(default_factory=dict)
+    _presence: Optional[np.ndarray] = field(default=None, repr=False)  # (N, K) train-list class presence
 
     @classmethod
     def build(cls, cfg: ExperimentConfig, dist: DistInfo) -> "ExperimentData":
@@ -140,21 +214,93 @@ class ExperimentData:
         })
 
     def train_loader(self, step: int, joint: bool, train_cfg: TrainConfig, dist: DistInfo,
-                     sampler_seed: int, label_table: Optional[np.ndarray] = None) -> DataLoader:
-        """The step's training images; ``label_table`` (256,) replaces the step's training table."""
+                     sampler_seed: int, label_table: Optional[np.ndarray] = None,
+                     memory: Optional[StepMemory] = None, saliency: bool = False) -> TrainBatches:
+        """The step's training batches; ``label_table`` (256,) replaces the step's training table.
+
+        ``memory``: mix every batch half and half with these exemplar images (labelled with
+        ``memory_lut``); ``saliency``: batches carry the ``data.saliency_root`` maps.
+        """
         d = self.cfg.data
         task = self.step_task(joint)
         split = self.split_at(step, joint)
         lut = train_lut(task, step) if label_table is None else label_table
-        ds = StepDataset(self.train_files, split.train, lut,
-                         train_transform(d.crop_size, scale=(d.scale_min, d.scale_max)))
-        if len(ds) // dist.world_size < d.batch_size and train_cfg.drop_last:
-            raise DataError(f"step {step}: {len(ds)} training images cannot fill one batch of {d.batch_size} "
+        transform = train_transform(d.crop_size, scale=(d.scale_min, d.scale_max))
+        source = self.saliency_source(split.train) if saliency else None
+        batch = d.batch_size if memory is None else d.batch_size // 2
+        if batch < 1:
+            raise DataError(f"data.batch_size={d.batch_size} cannot be split between current and memory images")
+        ds = StepDataset(self.train_files, split.train, lut, transform, saliency=source)
+        if len(ds) // dist.world_size < batch and train_cfg.drop_last:
+            raise DataError(f"step {step}: {len(ds)} training images cannot fill one batch of {batch} "
                             f"per process on {dist.world_size} process(es) (drop_last is on)")
         sampler = EpochShuffleSampler(len(ds), sampler_seed, dist.rank, dist.world_size)
-        return DataLoader(ds, batch_size=d.batch_size, sampler=sampler, num_workers=d.workers,
-                          drop_last=train_cfg.drop_last, pin_memory=dist.device.type == "cuda",
-                          persistent_workers=False)
+        pin = dist.device.type == "cuda"
+        current = DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=d.workers,
+                             drop_last=train_cfg.drop_last, pin_memory=pin, persistent_workers=False)
+        if memory is None:
+            return TrainBatches(current)
+        memory_batch = d.batch_size - batch
+        mem_ds = StepDataset(self.train_files, memory.positions, memory_lut(task, step), transform,
+                             saliency=self.saliency_source(memory.positions) if saliency else None)
+        mem_sampler = MemorySampler(len(mem_ds), len(current) * memory_batch, sampler_seed, dist.rank,
+                                    dist.world_size)
+        mem_loader = DataLoader(mem_ds, batch_size=memory_batch, sampler=mem_sampler, num_workers=d.workers,
+                                drop_last=True, pin_memory=pin, persistent_workers=False)
+        return TrainBatches(current, mem_loader)
+
+    # -- saliency and exemplar memory -------------------------------------------------------------
+    def saliency_source(self, positions: Optional[np.ndarray] = None) -> FolderSaliency:
+        """The ``data.saliency_root`` maps (checked to exist for ``positions`` of the train list).
+
+        The synthetic dataset's maps are derived from its masks on first use (`ensure_saliency_from_masks`).
+        """
+        d = self.cfg.data
+        if not d.saliency_root:
+            raise DataError("saliency maps are needed but data.saliency_root is not set")
+        root = resolve_saliency_root(d.saliency_root, d.root)
+        if d.dataset == "synthetic":
+            fingerprint = digest({"synthetic": self.cfg.data.synthetic, "root": str(Path(d.root).resolve())})
+            ensure_saliency_from_masks(self.train_files, root, fingerprint)
+        source = FolderSaliency(root)
+        if positions is not None:
+            source.check(self.train_files.ids[int(i)] for i in positions)
+        return source
+
+    def train_presence(self, positions: np.ndarray) -> np.ndarray:
+        """``(len(positions), K)`` bool: classes present in those training masks (cached scan when available)."""
+        d = self.cfg.data
+        if self._presence is None and not d.reference_splits and not self.skipped:
+            self._presence = class_presence(self.train_files, Path(d.cache_dir) / "splits", d.scan_workers,
+                                            progress=False)
+        if self._presence is not None:
+            return self._presence[np.asarray(positions, dtype=np.int64)]
+        rows = [self.train_files.mask_classes(int(i)) for i in positions]
+        return np.stack(rows) if rows else np.zeros((0, self.train_files.num_classes), dtype=bool)
+
+    def step_memory(self, step: int, run_dir: Path, write: bool) -> Optional[StepMemory]:
+        """The exemplar memory of ``step`` (None without memory or at step 0).
+
+        Loaded from ``<run_dir>/memory/step{t}.json`` when present (ids validated against the
+        training list), else selected from step ``t − 1``'s training list and the memory of
+        step ``t − 1`` and, with ``write``, stored there.
+        """
+        m = self.cfg.memory
+        if not m.enabled or step < 1:
+            return None
+        path = memory_path(run_dir, step)
+        k = per_class_quota(len(memory_classes(self.task, step)), m.size, m.per_class)
+        if path.exists():
+            return load_memory(path, self.train_files, self.task, step, k)
+        previous = self.step_memory(step - 1, run_dir, write)
+        positions = self.splits[step - 1].train
+        memory = build_step_memory(self.task, step, positions, self.train_presence(positions), m.size, m.per_class,
+                                   previous)
+        if write:
+            save_memory(memory, self.train_files, path)
+        log.info("step %d: exemplar memory of %d images (%d per class over %d old classes) selected from step %d",
+                 step, len(memory), memory.per_class, len(memory.lists), step - 1)
+        return memory
 
     def eval_loader(self, step: int, joint: bool, kind: str, dist: DistInfo) -> DataLoader:
         """``kind`` = "test" (end-of-step, C^{0:t} kept) or "val" (per-epoch, C^t only)."""

@@ -8,6 +8,7 @@ Files of a run directory::
     config.yaml            the resolved config (a resumed run must match it)
     checkpoints/step{t}.ckpt         end-of-step model + method state (atomic, hashed)
     checkpoints/step{t}-epoch.ckpt   last completed epoch of the step in progress (resume)
+    memory/step{t}.json    exemplar memory of step t (image ids; only with memory.enabled)
     results.json / results.md        one row per finished step
     tb/                    tensorboard events;  train.log  the log
 """
@@ -34,7 +35,7 @@ from sats.engine.data import ExperimentData, first_batch_images
 from sats.engine.distributed import DistInfo, barrier, init_distributed, seed_everything, set_deterministic, unwrap
 from sats.engine.evaluator import ConfusionMatrix, Metrics
 from sats.engine.optim import (amp_dtype, autocast_factory, build_grad_scaler, build_optimizer, build_scheduler)
-from sats.methods.base import Batch, Method, StepContext, build_method
+from sats.methods.base import Method, StepContext, build_method
 from sats.models.segmenter import Segmenter, build_segmenter, frozen_copy
 
 log = logging.getLogger("sats")
@@ -82,6 +83,9 @@ class Runner:
         self.task: Task = self.data.task
         self.joint = self.method.joint
         self.num_steps = 1 if self.joint else self.task.num_steps
+        if not cfg.data.saliency_root and any(self.method.needs_saliency_at(t) for t in range(self.num_steps)):
+            raise ConfigError(f"method {self.method.name!r} needs saliency maps: set data.saliency_root (a folder of "
+                              "<image id>.png grayscale maps, relative paths under data.root)")
 
     # -- run directory --------------------------------------------------------------------------
     def _prepare_run_dir(self) -> None:
@@ -134,6 +138,7 @@ class Runner:
         return {"name": self.cfg.name, "method": self.method.name, "method_params": self.cfg.method,
                 "dataset": self.cfg.data.dataset, "task": self.task.name, "overlap": self.cfg.data.overlap,
                 "backbone": self.cfg.model.backbone, "num_steps": self.num_steps, "joint": self.joint,
+                "memory": self.cfg.memory.size if self.cfg.memory.enabled else None,
                 "channel_classes": list(self.task.channel_classes),
                 "class_names": [self.data.train_files.class_names[c] for c in self.task.channel_classes],
                 "skipped_bad_files": self.data.skipped}
@@ -166,7 +171,7 @@ class Runner:
     def _build_models(self, t: int, task: Task):
         """The step-t model (step t-1 weights + a new head) and, if needed, the frozen step t-1 model."""
         if t == 0:
-            model = build_segmenter(self.cfg.model, task.head_sizes(0))
+            model = build_segmenter(self.cfg.model, self.method.model_head_sizes(task, 0))
             return model.to(self.device), None, None
         prev_path = self._step_checkpoint(t - 1)
         if not prev_path.exists():
@@ -174,7 +179,7 @@ class Runner:
         prev = load_checkpoint(prev_path)
         self._check_checkpoint_matches(prev, t - 1, prev_path)
         cfg_model = _without_pretrained(self.cfg.model)
-        model = build_segmenter(cfg_model, task.head_sizes(t - 1))
+        model = build_segmenter(cfg_model, self.method.model_head_sizes(task, t - 1))
         _load_strict(model, prev["model"], prev_path)
         self.method.load_state_dict(prev.get("method", {}))
         old_model = frozen_copy(model).to(self.device) if self.method.old_model_at(t) else None
@@ -182,7 +187,7 @@ class Runner:
         return model.to(self.device), old_model, file_digest(prev_path)
 
     def _check_checkpoint_matches(self, ckpt: Dict[str, Any], t: int, path: Path) -> None:
-        expected = self.data.step_task(self.joint).head_sizes(t)
+        expected = self.method.model_head_sizes(self.data.step_task(self.joint), t)
         if ckpt.get("head_sizes") != expected or ckpt.get("backbone") != self.cfg.model.backbone:
             raise RunError(f"{path}: checkpoint of backbone {ckpt.get('backbone')!r} with heads "
                            f"{ckpt.get('head_sizes')} does not match this run ({self.cfg.model.backbone!r}, "
@@ -190,11 +195,11 @@ class Runner:
 
     def _context(self, t: int, task: Task, model: Segmenter, old_model: Optional[Segmenter],
                  old_digest: Optional[str]) -> StepContext:
-        def loader(label_table=None):
+        def loader(label_table=None):  # the current-step images only (no memory), batch_size per process
             ld = self.data.train_loader(t, self.joint, self.cfg.train, self.dist, step_seed(self.cfg.train.seed, t),
-                                        label_table=label_table)
-            for x, y in ld:
-                yield Batch(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+                                        label_table=label_table, saliency=self.method.needs_saliency_at(t))
+            for batch in ld:
+                yield batch.to(self.device)
 
         ctx = StepContext(step=t, task=task, cfg=self.cfg, model=model, old_model=old_model, device=self.device,
                           run_dir=self.run_dir, cache_dir=Path(self.cfg.data.cache_dir),
@@ -211,7 +216,9 @@ class Runner:
     def _train(self, t: int, task: Task, model: Segmenter, old_model: Optional[Segmenter],
                ctx: StepContext) -> TrainOutcome:
         cfg = self.cfg.train
-        loader = self.data.train_loader(t, self.joint, cfg, self.dist, step_seed(cfg.seed, t))
+        memory = self.data.step_memory(t, self.run_dir, write=self.dist.is_main)
+        loader = self.data.train_loader(t, self.joint, cfg, self.dist, step_seed(cfg.seed, t), memory=memory,
+                                        saliency=self.method.needs_saliency_at(t))
         epochs, per_epoch = cfg.epochs_at(t), len(loader)
         total = epochs * per_epoch
         ctx.total_iterations = total
@@ -238,19 +245,19 @@ class Runner:
         ctx.iteration = start_epoch * per_epoch
         self.method.begin_step(ctx)
         needs, old_needs = self.method.needs_at(t), self.method.old_needs
-        log.info("step %d: %d classes new %s, %d images, %d epochs × %d iterations, lr %g", t,
-                 len(task.new_classes(t)), list(task.new_classes(t)), len(loader.dataset), epochs, per_epoch,
-                 cfg.lr_at(t))
+        log.info("step %d: %d classes new %s, %d images%s, %d epochs × %d iterations, lr %g", t,
+                 len(task.new_classes(t)), list(task.new_classes(t)), len(loader.dataset),
+                 f" + {len(memory)} memory images" if memory is not None else "", epochs, per_epoch, cfg.lr_at(t))
         for epoch in range(start_epoch, epochs):
             ctx.epoch = epoch
             seed_everything(step_seed(cfg.seed, t, epoch), self.dist.rank)
-            loader.sampler.set_epoch_seed(step_seed(cfg.seed, t, epoch))
+            loader.set_epoch_seed(step_seed(cfg.seed, t, epoch))
             model.train()
             sums: Dict[str, Tensor] = {}
             tic = time.perf_counter()
             bar = _progress(loader, self.cfg.log.progress and self.dist.is_main, f"step {t} epoch {epoch + 1}/{epochs}")
-            for i, (images, labels) in enumerate(bar):
-                batch = Batch(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
+            for i, cpu_batch in enumerate(bar):
+                batch = cpu_batch.to(self.device)
                 with self.autocast():
                     out = train_model(batch.images, need=needs)
                     old_out = None
@@ -289,7 +296,7 @@ class Runner:
                     for k, v in terms.items():
                         self.writer.add_scalar(f"step{t}/loss/{k}", float(v.detach()), ctx.iteration)
                     self.writer.add_scalar(f"step{t}/lr", scheduler.get_last_lr()[0], ctx.iteration)
-                counters["images"] += len(images) * self.dist.world_size
+                counters["images"] += len(batch.images) * self.dist.world_size
             counters["train_time_s"] += time.perf_counter() - tic
             means = {k: float(v) / max(1, per_epoch) for k, v in sums.items()}
             for k, v in means.items():
@@ -320,10 +327,12 @@ class Runner:
         state = outcome.best_state or model.state_dict()
         if self.dist.is_main:
             save_checkpoint({"model": state, "method": self.method.state_dict(), "step": t,
-                             "head_sizes": task.head_sizes(t), "backbone": self.cfg.model.backbone,
+                             "head_sizes": self.method.model_head_sizes(task, t), "backbone": self.cfg.model.backbone,
                              "task": {"dataset": task.dataset, "name": task.name, "steps": [list(s) for s in task.steps]},
                              "config_digest": digest(config_to_dict(self.cfg))}, self._step_checkpoint(t))
             self._epoch_checkpoint(t).unlink(missing_ok=True)
+        if t + 1 < self.num_steps:  # the next step's exemplar memory is selected from this step's images
+            self.data.step_memory(t + 1, self.run_dir, write=self.dist.is_main)
         barrier()
         groups = self.task.groups(self.task.num_steps - 1) if self.joint else task.groups(t)
         row = results_io.make_row(t, metrics, groups, task, self.data.train_files.class_names)
@@ -378,7 +387,7 @@ class Runner:
         path = self._step_checkpoint(t)
         ckpt = load_checkpoint(path)
         self._check_checkpoint_matches(ckpt, t, path)
-        model = build_segmenter(_without_pretrained(self.cfg.model), task.head_sizes(t))
+        model = build_segmenter(_without_pretrained(self.cfg.model), self.method.model_head_sizes(task, t))
         _load_strict(model, ckpt["model"], path)
         metrics = self._evaluate(model.to(self.device), t, "test")
         groups = self.task.groups(self.task.num_steps - 1) if self.joint else task.groups(t)

@@ -49,6 +49,7 @@ from sats.engine.distributed import all_reduce_sum_, get_rank, get_world_size, i
 from sats.losses.pseudo_labels import (ThresholdAccumulator, entropy_pseudo_labels, normalized_entropy,
                                        reference_uncertainty)
 from sats.methods.base import Batch, StepContext
+from sats.methods.ft import CEParams
 
 log = logging.getLogger("sats")
 
@@ -75,6 +76,24 @@ class ThresholdSettings:
             raise ValueError(f"threshold_bins: must be >= 1, got {self.bins}")
         if not 0.0 <= self.floor < 1.0:
             raise ValueError(f"threshold_floor: must lie in [0, 1), got {self.floor}")
+
+
+@dataclass
+class ThresholdParams(CEParams):
+    """Method parameters of the entropy pseudo-labels (shared by PLOP and SATS)."""
+
+    threshold_mode: str = "correct"  # correct (normalised entropy, true median) | reference (§6 item 11)
+    threshold_pixels: str = "label0"  # label0 (PLOP: bg + old + future) | true_background (SATS reference)
+    threshold_floor: float = 0.001  # τ_c = max(median_c, floor)
+    threshold_bins: int = 100
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.threshold_settings()  # validates the threshold keys
+
+    def threshold_settings(self) -> ThresholdSettings:
+        return ThresholdSettings(mode=self.threshold_mode, pixels=self.threshold_pixels, bins=self.threshold_bins,
+                                 floor=self.threshold_floor)
 
 
 def pixel_uncertainty(old_logits: Tensor, num_outputs: int, mode: str) -> Tensor:

@@ -26,10 +26,21 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @dataclass
 class Batch:
-    """One training batch. ``labels`` are channel indices after the step's lookup table, 255 = ignore."""
+    """One training batch. ``labels`` are channel indices after the step's lookup table, 255 = ignore.
+
+    With the exemplar memory (``memory.enabled``, steps > 0) the batch is the current-step images
+    followed by the memory images; memory labels keep every seen class (``memory_lut``).
+    """
 
     images: Tensor  # (B, 3, H, W) float
     labels: Tensor  # (B, H, W) int64
+    saliency: Optional[Tensor] = None  # (B, H, W) float32 in [0, 1], when the method needs saliency maps
+    is_memory: Optional[Tensor] = None  # (B,) bool: True for exemplar-memory images (None: no memory)
+
+    def to(self, device: torch.device) -> "Batch":
+        """The same batch with every tensor on ``device`` (non-blocking copies)."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device, non_blocking=True)
+                                            for f in dataclasses.fields(self) if getattr(self, f.name) is not None})
 
 
 @dataclass
@@ -90,6 +101,11 @@ class Method:
     step0: ClassVar[Optional[str]] = "ce"
     #: train every class of the task in one step (the joint-training upper bound)
     joint: ClassVar[bool] = False
+    #: extra output channels of the step-0 head, placed after the background (SSUL: 1, the unknown channel);
+    #: labels stay in task channels, the method maps them (``loss``) and back (``predict``)
+    extra_channels: ClassVar[int] = 0
+    #: whether the loss reads ``batch.saliency`` (see ``needs_saliency_at``; needs ``data.saliency_root``)
+    needs_saliency: ClassVar[bool] = False
 
     def __init__(self, params: Any = None) -> None:
         self.params = params if params is not None else self.Params()
@@ -107,6 +123,16 @@ class Method:
 
     def old_model_at(self, step: int) -> bool:
         return self.uses_old_model and step > 0
+
+    def needs_saliency_at(self, step: int) -> bool:
+        """Whether training batches of ``step`` must carry ``saliency`` maps."""
+        return self.needs_saliency
+
+    def model_head_sizes(self, task: "Task", step: int) -> List[int]:
+        """Classifier head sizes of the model after ``step``: the task's, plus ``extra_channels`` in head 0."""
+        sizes = list(task.head_sizes(step))
+        sizes[0] += self.extra_channels
+        return sizes
 
     # -- hooks -----------------------------------------------------------------------------------
     def begin_step(self, ctx: StepContext) -> None:

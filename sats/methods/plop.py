@@ -33,31 +33,21 @@ from torch import Tensor
 
 from sats.losses.ce import cross_entropy
 from sats.losses.pod import local_pod_loss
-from sats.methods._pseudo import EntropyThresholds, ThresholdSettings
+from sats.methods._pseudo import EntropyThresholds, ThresholdParams
 from sats.methods.base import Batch, Method, StepContext, register_method
-from sats.methods.ft import CEParams
 from sats.methods.lwf import check_weight, require_old_logits
 
 
 @dataclass
-class PLOPParams(CEParams):
+class PLOPParams(ThresholdParams):
     pod_factor: float = 0.01  # λ of the 4 stages and the decoder feature (VOC)
     pod_logits_factor: float = 0.0005  # λ of logits_small (VOC)
     adaptive_factor: bool = True  # multiply the CE by ν (PLOP's original); the SATS reference never does
-    threshold_mode: str = "correct"  # correct (normalised entropy, true median) | reference (§6 item 11)
-    threshold_pixels: str = "label0"  # label0 (PLOP: bg + old + future) | true_background (SATS reference)
-    threshold_floor: float = 0.001  # τ_c = max(median_c, floor)
-    threshold_bins: int = 100
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_weight("pod_factor", self.pod_factor)
         check_weight("pod_logits_factor", self.pod_logits_factor)
-        self.threshold_settings()  # validates the threshold keys
-
-    def threshold_settings(self) -> ThresholdSettings:
-        return ThresholdSettings(mode=self.threshold_mode, pixels=self.threshold_pixels, bins=self.threshold_bins,
-                                 floor=self.threshold_floor)
 
 
 def pod_maps(out: Any) -> list:

@@ -1,0 +1,165 @@
+"""Write the experiment configs of the paper's tables: ``configs/voc/*.yaml`` and ``configs/ade/*.yaml``.
+
+One file per (method, backbone, task, protocol), a few lines over ``_base_``, named
+``{method}_{backbone}_{dataset}-{task}[_disjoint].yaml`` with ``name`` equal to the file stem,
+so a run lands in ``runs/<stem>``. Methods use ``-`` inside their token (``lwf-mc``) so that
+``_`` only separates fields. Backbone tokens: ``mit-b2`` (SegFormer, MiT-B2) and ``r101``
+(DeepLabV3, ResNet-101).
+
+    .venv/bin/python configs/generate.py           # (re)write the files generated here
+    .venv/bin/python configs/generate.py --check   # exit 1 if one is missing or differs
+
+The SSUL and memory ("-M") files in the same folders are written by hand, not here.
+Rows: METHODS.md §5.1 (VOC overlapped 15-1, 15-5, 5-3, 10-1), the extra baselines of §3 on
+15-5 / 15-1, disjoint variants of 15-5 / 15-1, and the ADE20K scripts of §5.2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from sats.data.tasks import get_task
+from sats.report.paper_results import find_paper_result
+
+HERE = Path(__file__).resolve().parent
+
+BACKBONES: Dict[str, Tuple[str, str, str]] = {
+    # token: (model base file, model.backbone, description)
+    "mit-b2": ("segformer_mit-b2.yaml", "mit_b2", "SegFormer with an MiT-B2 encoder"),
+    "r101": ("deeplabv3_r101.yaml", "resnet101", "DeepLabV3, ResNet-101"),
+}
+LABELS = {"joint": "Joint training", "ft": "FT", "lwf": "LwF", "lwf_mc": "LwF-MC", "ilt": "ILT", "ewc": "EWC",
+          "rw": "RW", "pi": "PI", "mib": "MiB", "plop": "PLOP", "sats": "SATS"}
+VOC_TASKS = ("15-1", "15-5", "5-3", "10-1")
+ADE_LAMBDA_SAT_30 = ("25-25", "50-10")  # the reference scripts' λ_sat for these ADE tasks
+NOTES = {
+    "sats_ade-30.yaml": "λ_sat = 30, as the reference's scripts for ADE 25-25 and 50-10.",
+    "sats_deeplab.yaml": "The CNN-feature variant of SATS for DeepLab (not in the paper's VOC table).",
+    "plop_ade_deeplab.yaml": "POD factors 0.001 / 0.00001, as PLOP's ADE DeepLab scripts.",
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    method: str  # sats method name
+    backbone: str  # token of BACKBONES
+    dataset: str  # voc | ade
+    task: str
+    overlap: bool = True
+
+    @property
+    def stem(self) -> str:
+        protocol = "" if self.overlap else "_disjoint"
+        return f"{self.method.replace('_', '-')}_{self.backbone}_{self.dataset}-{self.task}{protocol}"
+
+    def method_base(self) -> Optional[str]:
+        """The ``_base_/methods`` file, or None for methods without hyper-parameters (ft, joint)."""
+        if self.method in ("ft", "joint"):
+            return None
+        if self.method == "sats":
+            if self.backbone == "r101":
+                return "sats_deeplab.yaml"
+            return "sats_ade-30.yaml" if self.dataset == "ade" and self.task in ADE_LAMBDA_SAT_30 else "sats.yaml"
+        if self.method == "plop" and self.dataset == "ade" and self.backbone == "r101":
+            return "plop_ade_deeplab.yaml"
+        return f"{self.method}.yaml"
+
+
+def voc_rows() -> List[Row]:
+    rows: List[Row] = []
+    table = {"mit-b2": ("joint", "ft", "ilt", "mib", "plop", "sats"),
+             "r101": ("joint", "ft", "lwf_mc", "ilt", "mib", "plop", "sats")}
+    extra = {"mit-b2": ("lwf", "lwf_mc", "ewc", "rw", "pi"), "r101": ("lwf", "ewc", "rw", "pi")}
+    disjoint = {"mit-b2": ("ft", "ilt", "mib", "plop", "sats"), "r101": ("ft", "lwf_mc", "ilt", "mib", "plop", "sats")}
+    for backbone in BACKBONES:
+        rows += [Row(m, backbone, "voc", t) for m in table[backbone] for t in VOC_TASKS]
+        rows += [Row(m, backbone, "voc", t) for m in extra[backbone] for t in ("15-5", "15-1")]
+        rows += [Row(m, backbone, "voc", t, overlap=False) for m in disjoint[backbone] for t in ("15-5", "15-1")]
+    return rows
+
+
+def ade_rows() -> List[Row]:
+    rows = [Row("sats", "mit-b2", "ade", t) for t in ("100-50", "100-10", "100-5", "50-50", "50-10", "25-25", "10-10")]
+    rows += [Row("mib", "mit-b2", "ade", t) for t in ("100-10", "100-5", "25-25")]
+    rows += [Row("ilt", "mit-b2", "ade", "100-10")]
+    rows += [Row("plop", b, "ade", t) for b in BACKBONES for t in ("100-10", "100-50")]
+    rows += [Row(m, "mit-b2", "ade", t) for m in ("joint", "ft") for t in ("100-10", "25-25")]
+    return rows
+
+
+def all_rows() -> List[Row]:
+    return voc_rows() + ade_rows()
+
+
+def _published(row: Row) -> str:
+    paper = find_paper_result(row.method, BACKBONES[row.backbone][1], row.task, row.dataset, row.overlap)
+    if paper is None:
+        return ""
+    star = ", quoted from its original paper" if paper.quoted else ""
+    return (f"\n# Published (METHODS.md §5.1, row \"{paper.label}\" {paper.network}{star}): "
+            f"old {paper.old} / new {paper.new} / all {paper.all}.")
+
+
+def render(row: Row) -> str:
+    """The YAML text of one config file."""
+    model_file, _, model_desc = BACKBONES[row.backbone]
+    protocol = "overlapped" if row.overlap else "disjoint"
+    steps = get_task(row.dataset, row.task).num_steps
+    what = ("every class in one step, reported with the task's old/new groups" if row.method == "joint"
+            else f"{steps} steps")
+    lines = [f"# {LABELS[row.method]}, {model_desc}, {row.dataset.upper()} {row.task} ({protocol}; {what})."
+             + _published(row),
+             "# Generated by configs/generate.py: edit the generator, then run it.",
+             "_base_:",
+             f"  - ../_base_/datasets/{row.dataset}.yaml",
+             f"  - ../_base_/models/{model_file}",
+             f"  - ../_base_/schedules/{row.dataset}.yaml"]
+    base = row.method_base()
+    if base in NOTES:
+        lines.insert(1, f"# {NOTES[base]}")
+    if base is not None:
+        lines.append(f"  - ../_base_/methods/{base}")
+    lines += [f"name: {row.stem}", "data:", f"  task: \"{row.task}\""]
+    if not row.overlap:
+        lines.append("  overlap: false")
+    if base is None:
+        lines += ["method:", f"  name: {row.method}"]
+    return "\n".join(lines) + "\n"
+
+
+def path_of(row: Row) -> Path:
+    return HERE / row.dataset / f"{row.stem}.yaml"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 on a missing or stale file")
+    args = parser.parse_args(argv)
+    rows = all_rows()
+    stems = [r.stem for r in rows]
+    duplicates = sorted({s for s in stems if stems.count(s) > 1})
+    if duplicates:
+        raise SystemExit(f"generate.py: duplicate config names {duplicates}")
+    stale = []
+    for row in rows:
+        path, text = path_of(row), render(row)
+        if path.is_file() and path.read_text() == text:
+            continue
+        if args.check:
+            stale.append(str(path.relative_to(HERE)))
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    if args.check and stale:
+        print(f"{len(stale)} config file(s) missing or stale (run python configs/generate.py):\n  " + "\n  ".join(stale))
+        return 1
+    print(f"{len(rows)} config files {'checked' if args.check else 'written'} in {HERE / 'voc'} and {HERE / 'ade'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""SATS: self-attention transfer with class-specific region pooling (METHODS.md §3.13).
+
+At steps > 0 SATS is the composition
+
+    L = CE(z, ỹ)  +  λ_kd · UNKD(z, z̄)  +  λ_sat · L_SATS(A, Ā, ỹ)
+
+* ``ỹ``: PLOP's entropy pseudo-labels (§3.9; :mod:`sats.methods._pseudo`): background pixels
+  take the old model's confident prediction, uncertain ones become 255; current labels stay.
+* ``CE``: plain cross-entropy on ``ỹ`` (not MiB's unbiased CE). PLOP's adaptive factor ν is
+  computed by the reference but never applied, so ``adaptive_factor`` defaults to False here.
+* ``UNKD``: MiB's unbiased distillation of the old logits (§3.8), λ_kd = 20.
+* ``L_SATS``: for each MiT stage, the last block's post-softmax attention of the new and old
+  model, pooled over the pixels of every class present in the (pseudo-)label map at that
+  stage's resolution (background and 255 excluded), compared with a plain L2 distance and
+  averaged over heads, classes, images and stages (:func:`sats.losses.attention.sats_attention_loss`).
+  λ_sat = 20 (VOC and most ADE tasks; 30 for ADE 25-25 and 50-10).
+* New heads: MiB's background-based initialisation (§2.3). Step 0: plain CE (shared).
+
+Switches:
+
+* ``reference_attention_layout``: the reference reshapes the ``(B, heads, N, M)`` attention to
+  ``(B, h, w, heads, M)`` without moving the head axis, which scrambles the class pooling in
+  stages 2–4 (§6 item 9). The published numbers were obtained with it; default False (correct).
+* ``pooling``: ``class`` (SATS), ``global`` (the GP ablation), ``none`` (the NP ablation).
+  ``reference_ablation_weight``: the released code multiplies only the class-pooled variant
+  by λ_sat, so GP/NP silently use weight 1 there (§6 item 23).
+* ``source``: ``attention`` (SegFormer) or ``features`` (the CNN-feature variant for DeepLab,
+  ``sats-feature-CNN``: the same class pooling on the 4 stage maps and the decoder/ASPP feature;
+  the reference divides the sum over its 5 maps by 4: ``reference_feature_divisor``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+from torch import Tensor
+
+from sats.losses.attention import sats_attention_loss, sats_feature_loss
+from sats.losses.ce import cross_entropy
+from sats.losses.kd import unbiased_kd
+from sats.methods._pseudo import EntropyThresholds, ThresholdParams
+from sats.methods.base import Batch, Method, StepContext, register_method
+from sats.methods.lwf import check_weight, require_old_logits
+
+POOLINGS = ("class", "global", "none")
+SOURCES = ("attention", "features")
+
+
+@dataclass
+class SATSParams(ThresholdParams):
+    lambda_kd: float = 20.0  # weight of MiB's unbiased KD
+    lambda_sat: float = 20.0  # weight of the attention-transfer loss (ADE 25-25 / 50-10: 30)
+    pooling: str = "class"  # class (SATS) | global (GP ablation) | none (NP ablation)
+    source: str = "attention"  # attention (SegFormer) | features (CNN-feature variant, DeepLab)
+    reference_attention_layout: bool = False  # reproduce the reference's head/space reshape (§6 item 9)
+    reference_ablation_weight: bool = False  # GP/NP get weight 1 as in the released code (§6 item 23)
+    reference_feature_divisor: bool = False  # features: divide the 5-map sum by 4 as the reference
+    adaptive_factor: bool = False  # multiply the CE by PLOP's ν (the reference computes it, never applies it)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_weight("lambda_kd", self.lambda_kd)
+        check_weight("lambda_sat", self.lambda_sat)
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling: {self.pooling!r} is not one of {POOLINGS}")
+        if self.source not in SOURCES:
+            raise ValueError(f"source: {self.source!r} is not one of {SOURCES}")
+        if self.source == "features" and self.pooling != "class":
+            raise ValueError("source=features supports pooling=class only")
+
+
+@register_method
+class SATS(Method):
+    """``L = CE(z, ỹ) + λ_kd·UNKD + λ_sat·L_SATS`` (terms ``ce``, ``unkd``, ``sat``); plain CE at step 0."""
+
+    name = "sats"
+    Params = SATSParams
+    uses_old_model = True
+    head_init = "background"
+
+    def __init__(self, params: Any = None) -> None:
+        super().__init__(params)
+        # the model is asked only for what the transfer reads: attention maps, or CNN features
+        maps = frozenset({"attentions"}) if self.params.source == "attention" else frozenset({"stages", "decoder"})
+        self.needs = self.old_needs = maps
+        self.thresholds = EntropyThresholds(self.params.threshold_settings())
+
+    def begin_step(self, ctx: StepContext) -> None:
+        if ctx.step > 0:
+            self.thresholds.prepare(ctx)
+
+    def loss(self, batch: Batch, out, old_out: Optional[object], ctx: StepContext) -> Dict[str, Tensor]:
+        p = self.params
+        if ctx.step == 0:
+            return {"ce": cross_entropy(out.logits, batch.labels, reduction=p.reduction)}
+        old_logits = require_old_logits(old_out, self.name)
+        pseudo, nu = self.thresholds.pseudo_labels(batch.labels, old_logits, ctx.num_outputs)
+        return {
+            "ce": cross_entropy(out.logits, pseudo, pixel_weight=nu if p.adaptive_factor else None,
+                                reduction=p.reduction),
+            "unkd": p.lambda_kd * unbiased_kd(out.logits, old_logits, reduction=p.reduction),
+            "sat": self._transfer_weight() * self._transfer(out, old_out, pseudo),
+        }
+
+    def _transfer_weight(self) -> float:
+        p = self.params
+        return 1.0 if p.reference_ablation_weight and p.pooling != "class" else p.lambda_sat
+
+    def _transfer(self, out, old_out, pseudo: Tensor) -> Tensor:
+        p = self.params
+        if p.source == "attention":
+            return sats_attention_loss(out.attentions, old_out.attentions, pseudo, pooling=p.pooling,
+                                       reference_layout=p.reference_attention_layout)
+        new_maps, old_maps = [*out.stages, out.decoder], [*old_out.stages, old_out.decoder]
+        return sats_feature_loss(new_maps, old_maps, pseudo, reference_divisor=4 if p.reference_feature_divisor else None)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"thresholds": self.thresholds.state_dict()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.thresholds.load_state_dict(state.get("thresholds", {}))

@@ -1,0 +1,157 @@
+"""Published numbers of the SATS paper (METHODS.md §5.1), kept as data to compare runs with.
+
+Pascal VOC 2012, overlapped protocol, mIoU (%) after the final step. ``old`` is the mean
+IoU over the step-0 classes **including background** (columns "0-15", "0-5", "0-10"),
+``new`` over every class added later, ``all`` over every class. Rows marked ★ in the
+paper's table (``quoted=True``) are copied there from the original publications, not run
+with the SATS code. ``None`` = "N/A" in the table. ADE20K has no transcribed numbers
+(METHODS.md §5.2), so nothing here matches an ADE run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+SOURCE = ("SATS, Pattern Recognition 138 (2023) 109383: VOC table (images/sats_voc.png of "
+          "QIU023/SATS_Continual_Semantic_Seg), transcribed in METHODS.md §5.1")
+
+PAPER_TASKS: Tuple[str, ...] = ("15-1", "15-5", "5-3", "10-1")
+"""VOC tasks of the table, in column order (project task names equal the paper's)."""
+
+NETWORK_BACKBONES: Dict[str, Optional[str]] = {
+    "DeepLabV3": "resnet101", "SegFormer-B2": "mit_b2", "DeepLabV3+": None, "DeepLabV2": None,
+}
+"""The table's network column → the ``model.backbone`` that runs it here (None: not in sats)."""
+
+
+@dataclass(frozen=True)
+class PaperResult:
+    """One cell group of the table: a method on a network and task."""
+
+    method: str  # method key: a sats method name, ``<name>-m`` for a memory variant, or the paper's name
+    label: str  # the row name printed in the paper
+    network: str  # the table's network column
+    task: str
+    old: Optional[float]  # percent
+    new: Optional[float]
+    all: Optional[float]
+    quoted: bool  # ★: quoted from another publication
+
+    @property
+    def backbone(self) -> Optional[str]:
+        return NETWORK_BACKBONES[self.network]
+
+
+# (method key, label, network, quoted, {task: (old, new, all)}), rows in the paper's order.
+_NA = (None, None, None)
+_ROWS: List[Tuple[str, str, str, bool, Dict[str, Tuple[Optional[float], Optional[float], Optional[float]]]]] = [
+    ("joint", "Joint training", "DeepLabV3", False,
+     {"15-1": (79.77, 72.35, 77.43), "15-5": (79.77, 72.35, 77.43), "5-3": (76.91, 77.63, 77.43),
+      "10-1": (78.41, 76.35, 77.43)}),
+    ("lwf_mc", "LwF-MC", "DeepLabV3", True,
+     {"15-1": (6.40, 8.90, 6.90), "15-5": (58.10, 35.00, 52.30), "5-3": (20.91, 36.67, 24.66),
+      "10-1": (4.65, 5.90, 4.95)}),
+    ("ilt", "ILT", "DeepLabV3", True,
+     {"15-1": (8.75, 7.99, 8.56), "15-5": (67.08, 39.23, 60.45), "5-3": (22.51, 31.66, 29.04),
+      "10-1": (7.15, 3.67, 5.50)}),
+    ("mib", "MiB", "DeepLabV3", True,
+     {"15-1": (35.1, 13.5, 29.7), "15-5": (75.5, 49.4, 69.0), "5-3": (57.1, 42.5, 46.7),
+      "10-1": (12.2, 13.1, 12.6)}),
+    ("plop", "PLOP", "DeepLabV3", True,
+     {"15-1": (66.25, 24.86, 56.4), "15-5": (75.49, 49.66, 69.34), "5-3": (17.48, 19.16, 18.68),
+      "10-1": (44.03, 15.51, 30.45)}),
+    ("sdr", "SDR", "DeepLabV3+", True,
+     {"15-1": (44.7, 21.8, 39.2), "15-5": (75.4, 52.6, 69.9), "5-3": _NA, "10-1": _NA}),
+    ("recall", "RECALL", "DeepLabV2", True,
+     {"15-1": (65.7, 47.8, 62.7), "15-5": (66.6, 50.9, 64.0), "5-3": _NA, "10-1": (59.5, 46.7, 54.8)}),
+    ("st_cil", "ST-CIL", "DeepLabV3", True,
+     {"15-1": (71.4, 40.0, 63.6), "15-5": (76.7, 54.3, 71.1), "5-3": _NA, "10-1": _NA}),
+    ("ssul", "SSUL", "DeepLabV3", True,
+     {"15-1": (78.06, 28.54, 66.27), "15-5": (77.42, 47.16, 70.21), "5-3": (71.17, 45.38, 52.75),
+      "10-1": (73.78, 41.13, 58.23)}),
+    ("ssul-m", "SSUL-M", "DeepLabV3", True,
+     {"15-1": (78.92, 43.86, 70.58), "15-5": (79.53, 52.87, 73.19), "5-3": (72.91, 49.02, 55.85),
+      "10-1": (74.79, 48.87, 62.45)}),
+    ("joint", "Joint training", "SegFormer-B2", False,
+     {"15-1": (80.84, 74.97, 79.44), "15-5": (80.84, 74.97, 79.44), "5-3": (78.36, 79.87, 79.44),
+      "10-1": (80.46, 78.32, 79.44)}),
+    ("ilt", "ILT", "SegFormer-B2", False,
+     {"15-1": (17.44, 12.13, 16.18), "15-5": (49.07, 53.97, 50.24), "5-3": (13.20, 15.43, 14.79),
+      "10-1": (6.67, 6.13, 6.41)}),
+    ("mib", "MiB", "SegFormer-B2", False,
+     {"15-1": (73.21, 37.93, 64.81), "15-5": (78.78, 60.93, 74.53), "5-3": (61.12, 58.02, 58.56),
+      "10-1": (48.7, 39.58, 44.36)}),
+    ("plop", "PLOP", "SegFormer-B2", False,
+     {"15-1": (64.59, 37.23, 58.08), "15-5": (72.51, 48.37, 66.76), "5-3": (35.65, 32.71, 33.54),
+      "10-1": (48.53, 33.71, 41.47)}),
+    ("ssul", "SSUL", "SegFormer-B2", False,
+     {"15-1": (79.91, 40.56, 70.54), "15-5": (79.91, 56.83, 74.41), "5-3": (74.33, 60.79, 64.66),
+      "10-1": (74.06, 51.85, 63.48)}),
+    ("ilt-m", "ILT-M", "SegFormer-B2", False,
+     {"15-1": (15.15, 11.01, 14.16), "15-5": (49.85, 53.49, 50.72), "5-3": (12.91, 15.43, 14.71),
+      "10-1": (6.75, 6.07, 6.42)}),
+    ("mib-m", "MiB-M", "SegFormer-B2", False,
+     {"15-1": (73.89, 58.39, 70.72), "15-5": (79.91, 63.56, 75.20), "5-3": (70.11, 65.17, 66.58),
+      "10-1": (69.73, 56.28, 63.33)}),
+    ("plop-m", "PLOP-M", "SegFormer-B2", False,
+     {"15-1": (71.11, 52.61, 66.70), "15-5": (78.53, 65.58, 75.44), "5-3": (67.29, 62.91, 64.16),
+      "10-1": (57.94, 51.64, 54.94)}),
+    ("ssul-m", "SSUL-M", "SegFormer-B2", False,
+     {"15-1": (79.84, 49.33, 72.58), "15-5": (79.84, 55.82, 74.12), "5-3": (76.04, 61.95, 65.98),
+      "10-1": (74.23, 52.24, 63.76)}),
+    ("sats", "SATS", "SegFormer-B2", False,
+     {"15-1": (78.38, 62.02, 74.48), "15-5": (80.24, 61.17, 75.70), "5-3": (75.43, 64.13, 67.36),
+      "10-1": (64.27, 58.66, 61.60)}),
+    ("sats-m", "SATS-M", "SegFormer-B2", False,
+     {"15-1": (80.37, 64.54, 76.61), "15-5": (81.44, 70.02, 78.72), "5-3": (75.58, 69.67, 71.36),
+      "10-1": (76.21, 61.62, 69.27)}),
+]
+
+VOC_OVERLAPPED: Tuple[PaperResult, ...] = tuple(
+    PaperResult(method=key, label=label, network=network, task=task, old=old, new=new, all=all_, quoted=quoted)
+    for key, label, network, quoted, cells in _ROWS
+    for task, (old, new, all_) in cells.items()
+)
+"""Every (row, task) cell group of the VOC table; N/A cells have old = new = all = None."""
+
+
+def find_paper_result(method: str, backbone: str, task: str, dataset: str = "voc",
+                      overlap: bool = True) -> Optional[PaperResult]:
+    """The published row for a run's method key, ``model.backbone`` and task, or None.
+
+    Only VOC overlapped runs with a backbone of the table (``mit_b2`` for SegFormer-B2,
+    ``resnet101`` for DeepLabV3) can match; N/A cells count as no match.
+    """
+    if dataset != "voc" or not overlap:
+        return None
+    for row in VOC_OVERLAPPED:
+        if row.method == method and row.backbone == backbone and row.task == task and row.all is not None:
+            return row
+    return None
+
+
+def uses_memory(header: Mapping[str, Any]) -> bool:
+    """Whether a run's ``results.json`` header records an exemplar memory (the "-M" variants).
+
+    The runner writes ``"memory": <memory.size>`` when ``memory.enabled`` is on, else null.
+    A mapping ``{"enabled": true, ...}`` (a config's ``memory`` section) is accepted too.
+    """
+    value = header.get("memory")
+    if isinstance(value, Mapping):
+        return bool(value.get("enabled", False))
+    if isinstance(value, bool):
+        return value
+    return isinstance(value, (int, float)) and value > 0
+
+
+def paper_method_key(header: Mapping[str, Any]) -> str:
+    """The method key of a run's ``results.json`` header in the table's terms ("mib", "mib-m", ...).
+
+    A run is a memory ("-M") variant when its header records a memory (:func:`uses_memory`)
+    or when its name's method token is ``<method>-m`` (config files ``mib-m_mit-b2_voc-15-1.yaml``).
+    """
+    method = str(header.get("method", "")).lower()
+    name_token = str(header.get("name", "")).split("_", 1)[0].lower()
+    memory = uses_memory(header) or name_token == f"{method.replace('_', '-')}-m"
+    return f"{method}-m" if memory else method
