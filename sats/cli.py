@@ -255,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from sats.config import ConfigError
+    from sats.engine.signals import RunInterrupted
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -266,6 +267,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as exc:
         print(f"sats: config error: {exc}", file=sys.stderr)
         return 2
+    except RunInterrupted as exc:  # SIGINT/SIGTERM: the state is saved; the message says how to resume
+        print(f"sats: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":  # pragma: no cover

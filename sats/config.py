@@ -31,7 +31,7 @@ class SyntheticConfig:
     """Arguments of the embedded synthetic dataset (used when ``data.dataset == "synthetic"``)."""
 
     num_train: int = 800
-    num_val: int = 120
+    num_val: int = 240
     min_size: int = 64
     max_size: int = 112
     seed: int = 0
@@ -100,6 +100,8 @@ class TrainConfig:
     grad_clip: float = 0.0  # max gradient norm (0: off)
     share_step0: bool = True  # reuse a plain-CE step-0 checkpoint keyed by what determines it
     threads: int = 0  # torch CPU threads (0: leave PyTorch's default)
+    #: collective timeout under torchrun: a dead or stuck rank makes the others fail after this long, not hang
+    dist_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
         _choice("train.optimizer", self.optimizer, ("sgd", "adamw"))
@@ -113,6 +115,7 @@ class TrainConfig:
             raise ConfigError(f"train.lr / train.lr_incremental must be > 0, got {self.lr}, {self.lr_incremental}")
         if self.select == "best_val" and self.val_every <= 0:
             raise ConfigError("train.select=best_val needs train.val_every > 0")
+        _positive("train.dist_timeout_s", self.dist_timeout_s)
 
     def epochs_at(self, step: int) -> int:
         return self.epochs if step == 0 or self.epochs_incremental is None else self.epochs_incremental

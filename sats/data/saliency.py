@@ -79,7 +79,8 @@ class FolderSaliency:
                 gray = img if img.mode == "L" else img.convert("L")
                 saliency = np.array(gray, dtype=np.uint8)
         except FileNotFoundError:
-            raise DataError(path, f"missing saliency map of image {image_id!r} (data.saliency_root={self.root})") from None
+            raise DataError(path, f"missing saliency map of image {image_id!r} "
+                                  f"(data.saliency_root={self.root})") from None
         except _DECODE_ERRORS as e:
             raise DataError(path, f"unreadable saliency map ({type(e).__name__}: {e})") from e
         if shape is not None and saliency.shape != tuple(shape):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import logging
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
@@ -14,8 +16,8 @@ from torch.utils.data import DataLoader, Sampler
 from sats.config import DataConfig, ExperimentConfig, TrainConfig, digest
 from sats.data.datasets import DataError, SegmentationFiles, StepDataset, build_files, check_dataset, format_problems
 from sats.data.labels import memory_lut, test_lut, train_lut, val_lut
-from sats.data.memory import StepMemory, build_step_memory, load_memory, memory_classes, memory_path, per_class_quota, \
-    save_memory
+from sats.data.memory import (StepMemory, build_step_memory, load_memory, memory_classes, memory_path, per_class_quota,
+                              save_memory)
 from sats.data.saliency import FolderSaliency, ensure_saliency_from_masks, resolve_saliency_root
 from sats.data.splits import StepSplit, class_presence, compute_splits, import_reference_splits
 from sats.data.tasks import Task, get_task
@@ -54,8 +56,11 @@ class EpochShuffleSampler(Sampler[int]):
     """Shuffles ``positions`` with a generator seeded by (seed, step, epoch) and shards them over ranks.
 
     The order of an epoch depends only on its seed, so a run resumed at an epoch boundary sees
-    exactly the batches an uninterrupted run would. Every rank gets ``len // world`` items
-    (the remainder is dropped, like ``drop_last``), so ranks never disagree on iteration counts.
+    exactly the batches an uninterrupted run would. Rank ``r`` takes items ``r, r + W, ...`` of
+    the order (``W`` processes), so global batch ``j`` of ``W`` processes with ``B`` images each
+    holds items ``jWB .. (j+1)WB - 1``: the images of batch ``j`` of one process with ``W·B``.
+    Every rank gets ``len // W`` items (the remainder is dropped, like ``drop_last``), so ranks
+    never disagree on iteration counts.
     """
 
     def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
@@ -69,7 +74,7 @@ class EpochShuffleSampler(Sampler[int]):
         g = torch.Generator().manual_seed(self.epoch_seed)
         order = torch.randperm(self.size, generator=g)
         per_rank = self.size // self.world
-        return iter(order[self.rank * per_rank:(self.rank + 1) * per_rank].tolist())
+        return iter(order[self.rank:per_rank * self.world:self.world].tolist())
 
     def __len__(self) -> int:
         return self.size // self.world
@@ -103,6 +108,29 @@ class MemorySampler(Sampler[int]):
         return self.num_samples
 
 
+class SeededStepDataset(StepDataset):
+    """A :class:`StepDataset` whose item ``k`` is augmented with its own RNG, seeded by (epoch seed, ``k``).
+
+    An image's crop and flip then depend only on the epoch and its place in the step's list, not
+    on the process count, batch size, data-loader workers or a resume point: one process with
+    batch ``W·B`` and ``W`` processes with ``B`` see identical global batches.
+    """
+
+    def __init__(self, *args: Any, seed: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not hasattr(self.transform, "rng"):
+            raise TypeError(f"SeededStepDataset needs a transform with an `rng` attribute, got {self.transform!r}")
+        self.transform = copy.copy(self.transform)  # its own rng slot (the memory dataset shares the original)
+        self.epoch_seed = seed
+
+    def set_epoch_seed(self, seed: int) -> None:
+        self.epoch_seed = seed
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, ...]:
+        self.transform.rng = random.Random(self.epoch_seed * 1_000_003 + int(k))
+        return super().__getitem__(k)
+
+
 def _as_batch(item: Sequence[torch.Tensor], is_memory: Optional[torch.Tensor] = None) -> Batch:
     return Batch(images=item[0], labels=item[1], saliency=item[2] if len(item) > 2 else None, is_memory=is_memory)
 
@@ -129,6 +157,8 @@ class TrainBatches:
 
     def set_epoch_seed(self, seed: int) -> None:
         self.current.sampler.set_epoch_seed(seed)
+        if isinstance(self.current.dataset, SeededStepDataset):
+            self.current.dataset.set_epoch_seed(seed)
         if self.memory is not None:
             self.memory.sampler.set_epoch_seed(seed)
 
@@ -162,33 +192,20 @@ class ExperimentData:
         task = get_task(task_dataset_name(d), d.task, d.order)
         train_files, val_files = resolve_files(d, "train"), resolve_files(d, "val")
         cache = Path(d.cache_dir)
-        if d.reference_splits:
+        bad = _check_files(d, train_files, val_files) if d.check else {"train": set(), "val": set()}
+        if d.reference_splits:  # index files refer to the full lists
             splits = import_reference_splits(Path(d.reference_splits), train_files, val_files, task)
+            splits = [StepSplit(train=_without(s.train, bad["train"]), val=_without(s.val, bad["val"]),
+                                test=_without(s.test, bad["val"])) for s in splits]
+        elif bad["train"] or bad["val"]:  # the splits of the lists without the bad entries, in full-list positions
+            keep_train = np.setdiff1d(np.arange(len(train_files)), np.fromiter(bad["train"], np.int64, len(bad["train"])))
+            keep_val = np.setdiff1d(np.arange(len(val_files)), np.fromiter(bad["val"], np.int64, len(bad["val"])))
+            sub = compute_splits(_subset(train_files, keep_train), _subset(val_files, keep_val), task,
+                                 overlap=d.overlap, cache_dir=cache / "splits")
+            splits = [StepSplit(train=keep_train[s.train], val=keep_val[s.val], test=keep_val[s.test]) for s in sub]
         else:
             splits = compute_splits(train_files, val_files, task, overlap=d.overlap, cache_dir=cache / "splits")
-        data = cls(cfg, task, train_files, val_files, splits)
-        if d.check:
-            data._check_files()
-        return data
-
-    def _check_files(self) -> None:
-        """Validate every file the run will read; raise with every problem, or drop bad files (on_error=skip)."""
-        train_used = np.unique(np.concatenate([s.train for s in self.splits]))
-        val_used = np.unique(np.concatenate([np.concatenate([s.val, s.test]) for s in self.splits]))
-        bad: Dict[str, set] = {}
-        for kind, files, used in (("train", self.train_files, train_used), ("val", self.val_files, val_used)):
-            problems = check_dataset(files, positions=used.tolist(), workers=self.cfg.data.scan_workers)
-            if problems:
-                if self.cfg.data.on_error == "raise":
-                    raise DataError(f"{len(problems)} bad file(s) in the {kind} list of {files.root}:\n"
-                                    f"{format_problems(problems)}\n(set data.on_error=skip to train without them)")
-                bad[kind] = {p.position for p in problems}
-                log.warning("skipping %d bad %s file(s):\n%s", len(bad[kind]), kind, format_problems(problems))
-        if bad:
-            drop_train, drop_val = bad.get("train", set()), bad.get("val", set())
-            self.splits = [StepSplit(train=_without(s.train, drop_train), val=_without(s.val, drop_val),
-                                     test=_without(s.test, drop_val)) for s in self.splits]
-            self.skipped = {k: len(v) for k, v in bad.items()}
+        return cls(cfg, task, train_files, val_files, splits, skipped={k: len(v) for k, v in bad.items() if v})
 
     # -- per step ---------------------------------------------------------------------------------
     def step_task(self, joint: bool) -> Task:
@@ -230,7 +247,7 @@ class ExperimentData:
         batch = d.batch_size if memory is None else d.batch_size // 2
         if batch < 1:
             raise DataError(f"data.batch_size={d.batch_size} cannot be split between current and memory images")
-        ds = StepDataset(self.train_files, split.train, lut, transform, saliency=source)
+        ds = SeededStepDataset(self.train_files, split.train, lut, transform, saliency=source, seed=sampler_seed)
         if len(ds) // dist.world_size < batch and train_cfg.drop_last:
             raise DataError(f"step {step}: {len(ds)} training images cannot fill one batch of {batch} "
                             f"per process on {dist.world_size} process(es) (drop_last is on)")
@@ -313,6 +330,31 @@ class ExperimentData:
         sampler = ShardedEvalSampler(len(ds), rank=dist.rank, world_size=dist.world_size)
         return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=d.workers,
                           pin_memory=dist.device.type == "cuda")
+
+
+def _check_files(d: DataConfig, train_files: SegmentationFiles, val_files: SegmentationFiles) -> Dict[str, set]:
+    """Decode every image and mask of both lists; raise listing every problem, or (``data.on_error=skip``)
+    return the bad positions per list ("train", "val"), which the run then leaves out."""
+    problems = {kind: check_dataset(files, workers=d.scan_workers)
+                for kind, files in (("train", train_files), ("val", val_files))}
+    if d.on_error == "raise" and any(problems.values()):
+        report = "\n".join(f"{kind} list of {files.root}: {format_problems(problems[kind], limit=200)}"
+                           for kind, files in (("train", train_files), ("val", val_files)) if problems[kind])
+        raise DataError(f"{sum(map(len, problems.values()))} bad file(s); nothing was trained:\n{report}\n"
+                        "(fix or remove them, or set data.on_error=skip to run without them)")
+    bad = {kind: {p.position for p in found} for kind, found in problems.items()}
+    for kind, found in problems.items():
+        if found:
+            log.warning("data.on_error=skip: leaving out %d %s image(s) with bad files:\n%s", len(bad[kind]), kind,
+                        format_problems(found, limit=200))
+    return bad
+
+
+def _subset(files: SegmentationFiles, keep: np.ndarray) -> SegmentationFiles:
+    """The entries ``keep`` (positions, in order) of ``files``."""
+    return SegmentationFiles(files.name, files.root, files.split, [files.ids[i] for i in keep],
+                             [files.image_paths[i] for i in keep], [files.mask_paths[i] for i in keep],
+                             files.num_classes, files.class_names, files.palette)
 
 
 def _without(positions: np.ndarray, drop: set) -> np.ndarray:

@@ -18,11 +18,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -32,9 +33,11 @@ from sats.data.tasks import Task
 from sats.engine import results as results_io
 from sats.engine.checkpoint import CheckpointError, file_digest, load_checkpoint, save_checkpoint
 from sats.engine.data import ExperimentData, first_batch_images
-from sats.engine.distributed import DistInfo, barrier, init_distributed, seed_everything, set_deterministic, unwrap
+from sats.engine.distributed import (DistInfo, all_reduce_sum_, barrier, init_distributed, seed_everything,
+                                     set_deterministic, unwrap)
 from sats.engine.evaluator import ConfusionMatrix, Metrics
 from sats.engine.optim import (amp_dtype, autocast_factory, build_grad_scaler, build_optimizer, build_scheduler)
+from sats.engine.signals import RunInterrupted, StopRequest, StoppableFetch, gather_rng, restore_rng
 from sats.methods.base import Method, StepContext, build_method
 from sats.models.segmenter import Segmenter, build_segmenter, frozen_copy
 
@@ -43,6 +46,10 @@ log = logging.getLogger("sats")
 
 class NonFiniteLossError(RuntimeError):
     """A loss term became NaN/Inf; the message names step, epoch, iteration and term."""
+
+
+class NonFiniteGradientError(NonFiniteLossError):
+    """The loss is finite but a gradient is NaN/Inf; the message names step, epoch, iteration and parameters."""
 
 
 class RunError(RuntimeError):
@@ -67,7 +74,8 @@ class Runner:
 
     def __init__(self, cfg: ExperimentConfig, dist: Optional[DistInfo] = None) -> None:
         self.cfg = cfg
-        self.dist = dist or init_distributed()
+        self.dist = dist or init_distributed(timeout_s=cfg.train.dist_timeout_s)
+        self.stop = StopRequest()  # SIGINT/SIGTERM while run() runs: checkpoint, then RunInterrupted
         self.device = self.dist.device if cfg.device == "auto" else torch.device(cfg.device)
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
@@ -102,6 +110,8 @@ class Runner:
             else:
                 save_config(self.cfg, cfg_path)
             _attach_file_log(self.run_dir / "train.log")
+            _remove_stale_temp_files(self.run_dir)
+            _remove_stale_temp_files(self.ckpt_dir)
         barrier()
 
     @property
@@ -114,7 +124,15 @@ class Runner:
 
     # -- the experiment -------------------------------------------------------------------------
     def run(self, steps: Optional[Sequence[int]] = None) -> List[Dict[str, Any]]:
-        """Run ``steps`` (default: all) in order, skipping finished ones; returns every results row."""
+        """Run ``steps`` (default: all) in order, skipping finished ones; returns every results row.
+
+        The first SIGINT/SIGTERM makes the run write a checkpoint at its next safe point and raise
+        :class:`~sats.engine.signals.RunInterrupted` (calling ``run`` again resumes there).
+        """
+        with self.stop:
+            return self._run_steps(steps)
+
+    def _run_steps(self, steps: Optional[Sequence[int]]) -> List[Dict[str, Any]]:
         steps = list(range(self.num_steps)) if steps is None else list(steps)
         bad = [s for s in steps if not 0 <= s < self.num_steps]
         if bad:
@@ -130,6 +148,10 @@ class Runner:
             if self.dist.is_main:
                 results_io.write(self.run_dir, self._header(), rows)
             barrier()
+            if t != steps[-1] and self.stop.agreed(self.device):
+                raise RunInterrupted(f"interrupted by {self.stop.name} after step {t} (its checkpoint and results "
+                                     f"are written); run the same command again to resume with step {t + 1}",
+                                     self.stop.signum or 0)
         if self._writer is not None:
             self._writer.flush()
         return [rows[k] for k in sorted(rows)]
@@ -162,9 +184,15 @@ class Runner:
         outcome = self._train(t, task, model, old_model, ctx)
         row = self._finish_step(t, task, model, ctx, outcome)
         if shared is not None and self.dist.is_main:
-            shared.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(self._step_checkpoint(t), shared / "step0.ckpt.tmp")
-            (shared / "step0.ckpt.tmp").replace(shared / "step0.ckpt")
+            tmp = shared / "step0.ckpt.tmp"
+            try:
+                shared.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(self._step_checkpoint(t), tmp)
+                tmp.replace(shared / "step0.ckpt")
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                raise CheckpointError(f"cannot write the shared step-0 checkpoint {shared / 'step0.ckpt'}: "
+                                      f"{exc.strerror or exc}") from exc
             results_io.write_json(shared / "row.json", row)
         return row
 
@@ -187,11 +215,29 @@ class Runner:
         return model.to(self.device), old_model, file_digest(prev_path)
 
     def _check_checkpoint_matches(self, ckpt: Dict[str, Any], t: int, path: Path) -> None:
-        expected = self.method.model_head_sizes(self.data.step_task(self.joint), t)
+        task = self.data.step_task(self.joint)
+        expected = self.method.model_head_sizes(task, t)
         if ckpt.get("head_sizes") != expected or ckpt.get("backbone") != self.cfg.model.backbone:
             raise RunError(f"{path}: checkpoint of backbone {ckpt.get('backbone')!r} with heads "
                            f"{ckpt.get('head_sizes')} does not match this run ({self.cfg.model.backbone!r}, "
                            f"heads {expected} at step {t})")
+        saved = ckpt.get("task")  # the classes of steps 0..t must agree (later steps may differ: 15-5 vs 15-1)
+        ours = {"dataset": task.dataset, "steps": [list(c) for c in task.steps[:t + 1]]}
+        if saved is not None and {"dataset": saved.get("dataset"), "steps": saved.get("steps", [])[:t + 1]} != ours:
+            raise RunError(f"{path}: checkpoint of task {saved.get('dataset')}/{saved.get('name')} with classes "
+                           f"{saved.get('steps', [])[:t + 1]} up to step {t}; this run's task "
+                           f"{task.dataset}/{task.name} has {ours['steps']}")
+
+    def _check_resume_matches(self, state: Dict[str, Any], t: int, per_epoch: int, path: Path) -> None:
+        """An epoch checkpoint fits the step's loader (a mid-epoch one also the process count)."""
+        if state.get("per_epoch", per_epoch) != per_epoch:
+            raise RunError(f"{path} was written with {state['per_epoch']} iterations per epoch but step {t} now has "
+                           f"{per_epoch} (its training list, data.batch_size or the process count changed); "
+                           "delete this file to restart the step")
+        partial = state.get("partial")
+        if partial is not None and partial["world_size"] != self.dist.world_size:
+            raise RunError(f"{path} was written in the middle of an epoch by {partial['world_size']} process(es); "
+                           f"resume it with the same number (this run has {self.dist.world_size})")
 
     def _context(self, t: int, task: Task, model: Segmenter, old_model: Optional[Segmenter],
                  old_digest: Optional[str]) -> StepContext:
@@ -232,17 +278,46 @@ class Runner:
         start_epoch, best = 0, {"score": -math.inf, "state": None}
         counters: Dict[str, Any] = {"nonfinite_skipped": 0, "images": 0, "train_time_s": 0.0, "epoch_losses": {}}
         resume = self._epoch_checkpoint(t)
+        ctx.iteration = 0
+        partial: Optional[Dict[str, Any]] = None  # set when the checkpoint was written in the middle of an epoch
         if resume.exists():
             state = load_checkpoint(resume)
+            self._check_resume_matches(state, t, per_epoch, resume)
             _load_strict(model, state["model"], resume)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
             self.method.load_state_dict(state["method"])
             start_epoch, counters = state["epoch"] + 1, state["counters"]
+            ctx.iteration = int(state.get("iteration", start_epoch * per_epoch))
             best = {"score": state["best_score"], "state": state.get("best_state")}
-            log.info("step %d: resuming after epoch %d from %s", t, start_epoch, resume)
-        ctx.iteration = start_epoch * per_epoch
+            partial = state.get("partial")
+            log.info("step %d: resuming after %s from %s", t, f"epoch {start_epoch}" if partial is None else
+                     f"iteration {partial['batches_done']}/{per_epoch} of epoch {start_epoch + 1}", resume)
+
+        def save_resume(last_epoch: int, partial_epoch: Optional[Dict[str, Any]] = None) -> None:
+            """The epoch checkpoint: state after epoch ``last_epoch`` (+ ``partial_epoch`` batches of the next)."""
+            if not self.dist.is_main:
+                return
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                     "method": self.method.state_dict(), "epoch": last_epoch, "iteration": ctx.iteration,
+                     "per_epoch": per_epoch, "counters": counters, "best_score": best["score"],
+                     "best_state": best["state"]}
+            if partial_epoch is not None:
+                state["partial"] = partial_epoch
+            save_checkpoint(state, resume)
+
+        def stop_mid_epoch(epoch: int, batches_done: int, sums: Dict[str, Tensor]) -> None:
+            """Write the state after ``batches_done`` batches of ``epoch`` (every rank calls this), then stop."""
+            rng = gather_rng()
+            save_resume(epoch - 1, {"batches_done": batches_done, "world_size": self.dist.world_size,
+                                    "loss_sums": {k: v.detach().cpu() for k, v in sums.items()}, "rng": rng})
+            barrier()
+            raise RunInterrupted(f"interrupted by {self.stop.name} at step {t} epoch {epoch + 1} (after iteration "
+                                 f"{batches_done}/{per_epoch}); run the same command again to resume from {resume}",
+                                 self.stop.signum or 0)
+
         self.method.begin_step(ctx)
         needs, old_needs = self.method.needs_at(t), self.method.old_needs
         log.info("step %d: %d classes new %s, %d images%s, %d epochs × %d iterations, lr %g", t,
@@ -254,9 +329,20 @@ class Runner:
             loader.set_epoch_seed(step_seed(cfg.seed, t, epoch))
             model.train()
             sums: Dict[str, Tensor] = {}
+            replay = 0  # batches of this epoch trained before a mid-epoch stop: fetched again, not trained
+            if partial is not None:
+                replay, rng_states = partial["batches_done"], partial["rng"]
+                sums = {k: v.to(self.device) for k, v in partial["loss_sums"].items()}
+                partial = None
             tic = time.perf_counter()
             bar = _progress(loader, self.cfg.log.progress and self.dist.is_main, f"step {t} epoch {epoch + 1}/{epochs}")
-            for i, cpu_batch in enumerate(bar):
+            fetch = StoppableFetch(bar, self.stop)
+            i = -1
+            for i, cpu_batch in enumerate(fetch):
+                if i < replay:  # the data pipeline's random streams advance exactly as in the stopped run
+                    if i + 1 == replay:
+                        restore_rng(rng_states[self.dist.rank])
+                    continue
                 batch = cpu_batch.to(self.device)
                 with self.autocast():
                     out = train_model(batch.images, need=needs)
@@ -267,21 +353,19 @@ class Runner:
                     terms = self.method.loss(batch, out, old_out, ctx)
                 del out, old_out  # the old model's maps (e.g. attention) are freed before backward
                 loss = sum(terms.values())
-                if not torch.isfinite(loss):
-                    bad_terms = [k for k, v in terms.items() if not torch.isfinite(v)]
-                    where = f"step {t}, epoch {epoch + 1}, iteration {i + 1}, term(s) {bad_terms}"
-                    if cfg.on_nonfinite == "error":
-                        raise NonFiniteLossError(f"non-finite loss at {where}: " +
-                                                 ", ".join(f"{k}={float(v.detach())}" for k, v in terms.items()) +
-                                                 f"; the last good checkpoint is kept in {self.ckpt_dir}")
-                    counters["nonfinite_skipped"] += 1
-                    log.warning("skipping batch with a non-finite loss at %s (%d skipped so far)", where,
-                                counters["nonfinite_skipped"])
-                    optimizer.zero_grad(set_to_none=True)
-                    continue
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)  # after_backward and clipping see true gradients (no-op unless fp16)
+                bad_loss, bad_grad, stop_now = self._iteration_flags(loss, model, scaler)
+                if bad_loss or bad_grad:
+                    self._nonfinite(f"step {t}, epoch {epoch + 1}, iteration {i + 1}", terms, model, bad_loss,
+                                    counters)
+                    optimizer.zero_grad(set_to_none=True)
+                    if scaler.is_enabled():
+                        scaler.update()  # closes this iteration's unscale_ (fp16)
+                    if stop_now or self._stop_alone():
+                        stop_mid_epoch(epoch, i + 1, sums)
+                    continue
                 self.method.after_backward(ctx)
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -297,6 +381,15 @@ class Runner:
                         self.writer.add_scalar(f"step{t}/loss/{k}", float(v.detach()), ctx.iteration)
                     self.writer.add_scalar(f"step{t}/lr", scheduler.get_last_lr()[0], ctx.iteration)
                 counters["images"] += len(batch.images) * self.dist.world_size
+                if stop_now or self._stop_alone():
+                    stop_mid_epoch(epoch, i + 1, sums)
+            if fetch.failed is not None:  # data-loader workers got the signal too: stop after the last good batch
+                if i + 1 > replay and self.dist.world_size == 1:
+                    stop_mid_epoch(epoch, i + 1, sums)
+                kept = resume if resume.exists() else f"the start of step {t}"
+                raise RunInterrupted(f"interrupted by {self.stop.name} at step {t} epoch {epoch + 1} while loading "
+                                     f"data ({fetch.failed}); run the same command again to resume from {kept}",
+                                     self.stop.signum or 0)
             counters["train_time_s"] += time.perf_counter() - tic
             means = {k: float(v) / max(1, per_epoch) for k, v in sums.items()}
             for k, v in means.items():
@@ -308,13 +401,56 @@ class Runner:
                 self._scalar(f"step{t}/val_miou", val.miou, ctx.iteration)
                 if cfg.select == "best_val" and val.miou > best["score"]:
                     best = {"score": val.miou, "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
-            if epoch + 1 < epochs and self.dist.is_main:
-                save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                                 "method": self.method.state_dict(), "epoch": epoch, "counters": counters,
-                                 "best_score": best["score"], "best_state": best["state"]}, resume)
+            if epoch + 1 < epochs:
+                save_resume(epoch)
             barrier()
+            if epoch + 1 < epochs and self.stop.agreed(self.device):
+                raise RunInterrupted(f"interrupted by {self.stop.name} at step {t} after epoch {epoch + 1}; run the "
+                                     f"same command again to resume from {resume}", self.stop.signum or 0)
         return TrainOutcome(counters=counters, best_state=best["state"])
+
+    def _iteration_flags(self, loss: Tensor, model: torch.nn.Module, scaler: Any) -> Tuple[bool, bool, bool]:
+        """(non-finite loss, non-finite gradient, stop requested), agreed by every rank; one host sync.
+
+        Gradients are checked after backward and unscaling, before the method's ``after_backward``
+        hook (which may fold them into importance estimates); with fp16 the GradScaler skips
+        overflowing steps itself, so only the loss is checked.
+        """
+        bad_loss = ~torch.isfinite(loss.detach())
+        bad_grad = torch.zeros_like(bad_loss)
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if grads and not scaler.is_enabled():
+            bad_grad = ~torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=math.inf))  # max |g|: no overflow
+        flags = torch.stack([bad_loss, bad_grad]).float()
+        if self.dist.world_size == 1:
+            loss_flag, grad_flag = flags.tolist()
+            return loss_flag > 0, grad_flag > 0, False  # single process: _stop_alone() at the iteration's end
+        flags = all_reduce_sum_(torch.cat([flags, flags.new_tensor([1.0 if self.stop.requested else 0.0])]))
+        loss_flag, grad_flag, stop_flag = flags.tolist()
+        return loss_flag > 0, grad_flag > 0, stop_flag > 0
+
+    def _stop_alone(self) -> bool:
+        """A stop request of a single-process run (read at the end of an iteration; DDP agrees in the flags)."""
+        return self.dist.world_size == 1 and self.stop.requested
+
+    def _nonfinite(self, where: str, terms: Dict[str, Tensor], model: torch.nn.Module, bad_loss: bool,
+                   counters: Dict[str, Any]) -> None:
+        """Raise (``train.on_nonfinite=error``) or count and log (``skip``) a non-finite loss or gradient."""
+        values = ", ".join(f"{k}={float(v.detach())}" for k, v in terms.items())
+        if bad_loss:
+            bad_terms = [k for k, v in terms.items() if not torch.isfinite(v)]
+            what = f"non-finite loss at {where}, term(s) {bad_terms}{'' if bad_terms else ' (on another rank)'}"
+            error: type = NonFiniteLossError
+        else:
+            names = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+            what = (f"non-finite gradient at {where} (every loss term finite), in {len(names)} parameter(s) "
+                    f"{names[:6]}{'…' if len(names) > 6 else ''}")
+            error = NonFiniteGradientError
+        if self.cfg.train.on_nonfinite == "error":
+            raise error(f"{what}: {values}; the last good checkpoint is kept in {self.ckpt_dir} "
+                        "(train.on_nonfinite=skip skips such batches and counts them)")
+        counters["nonfinite_skipped"] += 1
+        log.warning("skipping a batch: %s: %s (%d skipped so far)", what, values, counters["nonfinite_skipped"])
 
     # -- end of step: method hook, test, checkpoint, results ------------------------------------
     def _finish_step(self, t: int, task: Task, model: Segmenter, ctx: StepContext,
@@ -331,8 +467,8 @@ class Runner:
                              "task": {"dataset": task.dataset, "name": task.name, "steps": [list(s) for s in task.steps]},
                              "config_digest": digest(config_to_dict(self.cfg))}, self._step_checkpoint(t))
             self._epoch_checkpoint(t).unlink(missing_ok=True)
-        if t + 1 < self.num_steps:  # the next step's exemplar memory is selected from this step's images
-            self.data.step_memory(t + 1, self.run_dir, write=self.dist.is_main)
+        if t + 1 < self.num_steps and self.dist.is_main:  # the next step's memory, from this step's images
+            self.data.step_memory(t + 1, self.run_dir, write=True)
         barrier()
         groups = self.task.groups(self.task.num_steps - 1) if self.joint else task.groups(t)
         row = results_io.make_row(t, metrics, groups, task, self.data.train_files.class_names)
@@ -404,7 +540,7 @@ class Runner:
             "recipe": key, "data": self.data.step_digest(0, False), "model": config_to_dict(c)["model"],
             "train": {k: v for k, v in config_to_dict(c)["train"].items()
                       if k not in ("lr_incremental", "epochs_incremental", "log_every", "share_step0", "threads",
-                                   "val_every", "select", "on_nonfinite")},
+                                   "val_every", "select", "on_nonfinite", "dist_timeout_s")},
             "data_pipeline": {k: getattr(c.data, k) for k in ("crop_size", "scale_min", "scale_max", "batch_size",
                                                                "eval_size", "eval_mode")},
             "world_size": self.dist.world_size,
@@ -425,11 +561,37 @@ class Runner:
 
 # ----------------------------------------------------------------------------------------------
 def _load_strict(model: torch.nn.Module, state: Dict[str, Tensor], path: Path) -> None:
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not fit the model: missing {list(missing)[:8]}"
-                              f"{'…' if len(missing) > 8 else ''}, unexpected {list(unexpected)[:8]}"
-                              f"{'…' if len(unexpected) > 8 else ''}")
+    """Load every tensor of ``state`` or none: names and shapes are compared before anything is copied."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        raise CheckpointError(f"{path}: weights do not fit the model (nothing was loaded): missing {missing[:8]}"
+                              f"{'…' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+                              f"{'…' if len(unexpected) > 8 else ''}, shape mismatches (checkpoint vs model) "
+                              f"{shapes[:8]}{'…' if len(shapes) > 8 else ''}")
+    model.load_state_dict(state, strict=True)
+
+
+def _remove_stale_temp_files(folder: Path) -> None:
+    """Delete ``*.tmp-<pid>`` files that atomic writes of a killed process left (never a live process's)."""
+    for tmp in folder.glob("*.tmp-*"):
+        pid = tmp.name.rsplit(".tmp-", 1)[1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            log.info("removing %s, left by a run that was killed while writing it", tmp)
+            tmp.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _without_pretrained(model_cfg):
@@ -459,7 +621,7 @@ def _load_yaml(path: Path) -> Dict[str, Any]:
 def _config_diff(a: Any, b: Any, prefix: str = "") -> List[str]:
     """Keys whose values differ between two nested dicts (ignoring logging-only keys)."""
     ignore = {"log", "train.threads", "train.log_every", "data.workers", "data.scan_workers", "data.check",
-              "data.cache_dir", "output_dir", "run_dir"}
+              "data.cache_dir", "output_dir", "run_dir", "train.dist_timeout_s"}
     if prefix.rstrip(".") in ignore:
         return []
     if isinstance(a, dict) and isinstance(b, dict):
@@ -471,9 +633,13 @@ def _config_diff(a: Any, b: Any, prefix: str = "") -> List[str]:
 
 
 def _attach_file_log(path: Path) -> None:
+    """Log to ``path``; a previous run's file handler in this process (e.g. the demo's runs) is closed."""
     root = logging.getLogger("sats")
-    if any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve() for h in root.handlers):
-        return
+    for h in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        if Path(h.baseFilename) == path.resolve():
+            return
+        root.removeHandler(h)
+        h.close()
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     root.addHandler(handler)

@@ -121,7 +121,9 @@ def raw_label_table() -> np.ndarray:
 def accumulate_thresholds(old_model: torch.nn.Module, batches: Iterable[Batch], num_outputs: int,
                           settings: ThresholdSettings, autocast: Callable[[], ContextManager[Any]],
                           device: torch.device) -> Tuple[Tensor, Tensor]:
-    """One pass of ``old_model`` over ``batches`` → ``(thresholds (K_{t−1},) float32, histogram (K_{t−1}, bins) int64)``.
+    """One pass of ``old_model`` over ``batches`` → ``(thresholds, histogram)``.
+
+    ``thresholds`` ``(K_{t−1},)`` float32, ``histogram`` ``(K_{t−1}, bins)`` int64 (on the CPU).
 
     Counts the pixels whose label is 0 (with the caller's label table), by the old model's arg-max
     class; the histogram is summed over DDP ranks before the medians are taken.

@@ -56,8 +56,9 @@ class StepContext:
     run_dir: Any  # pathlib.Path
     cache_dir: Any  # pathlib.Path
     old_checkpoint_digest: Optional[str]  # content hash of the step t-1 checkpoint (cache keys)
-    #: ``train_loader(label_table=None)``: a fresh pass over this step's training data; a (256,) uint8
-    #: ``label_table`` (raw mask value → label) replaces the step's training table for that pass
+    #: ``train_loader(label_table=None)``: a fresh pass over this step's training data (current-step images
+    #: only, never the exemplar memory; full ``data.batch_size``); a (256,) uint8 ``label_table`` (raw mask
+    #: value → label) replaces the step's training table for that pass
     train_loader: Callable[..., Iterable[Batch]]
     autocast: Callable[[], Any]  # context manager: the run's mixed-precision setting
     log_scalar: Callable[[str, float], None]  # log a scalar at the current iteration

@@ -26,7 +26,9 @@ in the optimiser (weight decay cannot move them). Rows ≥ 2 of head 0 share a t
 so their gradients are zeroed after ``backward`` and their values are copied back from the frozen
 old model after every optimiser step: they stay bit-identical. The model stays in train mode, as
 in the reference: BN running statistics (DeepLab) keep updating, stochastic depth stays on
-(§6 item 22; SegFormer has no BN).
+(§6 item 22; SegFormer has no BN). ``freeze_bn=True`` puts every BatchNorm layer in eval mode
+before each forward at steps > 0 (running statistics used and kept), like SSUL's own
+``--bn_freeze`` [verify].
 
 **Init.** New heads copy the unknown channel's weights (``head_init = "unknown"``); biases keep
 PyTorch's default init (the reference does not copy them, §6 item 22).
@@ -92,6 +94,7 @@ class SSULParams(CEParams):
     saliency_threshold: float = 0.5  # salient pixels (probability >= this) become unknown
     unknown_at_step0: bool = False  # unknown labels at step 0 too (SSUL's own protocol; the reference: t > 0 only)
     saliency_model: Optional[str] = None  # "package.module:factory" of a SaliencyModel instead of data.saliency_root
+    freeze_bn: bool = False  # BN layers in eval mode at steps > 0 (SSUL's --bn_freeze); the reference: False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -116,6 +119,7 @@ class SSUL(Method):
         super().__init__(params)
         self.needs_saliency = self.params.saliency_model is None
         self._saliency_model: Any = None
+        self._bn_hook: Any = None
 
     def step0_key(self) -> Optional[str]:
         # with unknown labels at step 0 the saliency source shapes step 0: never share it
@@ -128,6 +132,16 @@ class SSUL(Method):
         return self.needs_saliency and self._unknown_at(step)
 
     def begin_step(self, ctx: StepContext) -> None:
+        if self._bn_hook is not None:
+            self._bn_hook.remove()
+            self._bn_hook = None
+        if self.params.freeze_bn and ctx.step > 0:
+            norms = [m for m in ctx.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+            def norms_to_eval(module: torch.nn.Module, inputs: Any) -> None:
+                for norm in norms:
+                    norm.eval()
+
+            self._bn_hook = ctx.model.register_forward_pre_hook(norms_to_eval)
         if self.params.saliency_model is not None and self._unknown_at(ctx.step) and self._saliency_model is None:
             from sats.data.saliency import load_saliency_model
 

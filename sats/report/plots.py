@@ -103,8 +103,7 @@ def plot_class_heatmap(run: RunResult, path: Path) -> Path:
     annotate = num_channels <= 40 and num_cols <= 16
     row_h = 0.28 if num_channels <= 40 else 0.13
     fig, ax = plt.subplots(figsize=(2.8 + 0.75 * num_cols, 1.6 + row_h * num_channels), dpi=120)
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#eeeeee")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#eeeeee")
     image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=0, vmax=100, aspect="auto",
                       interpolation="nearest")
     ax.set_yticks(range(num_channels))

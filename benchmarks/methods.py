@@ -1,0 +1,692 @@
+"""Cost of every method: training ms/iter, images/s, peak memory, evaluation images/s, ratio to its lower bound.
+
+Usage (from the repository root; ``sats bench cost ...`` is the same)::
+
+    python -m benchmarks cost                                        # every method; mit_b0, mit_b2, resnet101
+    python -m benchmarks cost --backbones mit_b0 --sizes 128 256 --methods ft,mib,sats --iters 5 --repeats 3
+    python -m benchmarks cost --methods sats --profile               # + torch.profiler tables of SATS and FT
+
+Defaults: 256 px, batch 2 on CPU; 512 px, batch 8 when CUDA is present. Each method is measured at
+**step 1 of VOC 15-5** (heads ``[16, 5]``, ``--task``/``--step`` change it), on random-init weights
+(speed does not depend on the values) and one fixed synthetic batch already on the device.
+
+What one measurement does (a fresh subprocess per configuration unless ``--no-isolate``):
+
+1. **History.** The method runs through the steps before the measured one exactly as the runner
+   sequences them (build step-0 model; at each step ``s``: frozen old model if
+   ``method.old_model_at(s)``, ``add_step(init=method.head_init)``, ``begin_step``, one training
+   iteration, ``end_step``), on a small batch (≤ 64 px). So method state is real: EWC/RW/PI hold a
+   finished importance, SSUL's head is the unknown-initialised one, and so on.
+2. **Lower bound.** On the step-``t`` model: FT's training iteration (plain CE, every parameter,
+   same optimiser), then the old model's no-grad forward with the ``old_needs`` the method asks for
+   (only when the method runs the old model: ``old_model_at(t) and old_forward``). The bound is
+   ``FT ms + old forward ms``, both measured in the same process as the method (less noise on a
+   shared machine). ``ratio = method ms / bound ms``, per process, then the median over
+   ``--repeats`` processes. ``ratio_cpu`` is the same on process CPU time (all threads), which is
+   less disturbed by other processes on a shared CPU.
+3. **Method.** ``trainable_parameters`` → optimiser, ``begin_step`` (PLOP / SATS compute their
+   entropy thresholds there: ``ctx.train_loader`` yields the measured batch once, so the thresholds
+   are the per-class medians on that batch and about half of the background pixels are accepted),
+   then ``--warmup`` + ``--iters`` iterations of the runner's sequence (:func:`train_iteration`):
+   ``model(x, need)`` and ``old_model(x, old_needs)`` under ``no_grad`` → ``method.loss`` → sum →
+   ``zero_grad`` → backward → unscale → loss/gradient finiteness check (one host sync, as the
+   runner) → ``after_backward`` → optimiser and scheduler step → ``after_optimizer_step``.
+4. **Evaluation.** ``model.eval()``, no grad: logits → ``method.predict`` → ``ConfusionMatrix.update``.
+
+Memory: ``train_peak_mb`` is the peak of the timed training iterations. CUDA:
+``torch.cuda.max_memory_allocated`` (weights, old model, optimiser state included);
+``train_peak_growth_mb`` subtracts the memory allocated just before the timed loop. CPU: the peak
+resident set size (``VmHWM``, reset with ``/proc/self/clear_refs`` after warm-up) and its growth
+over the RSS before the timed loop; RSS includes the allocator's cached pages and the Python/torch
+runtime (~ constant across methods), so compare methods by the growth column.
+
+Joint training (one step, every class) is measured at its only step against FT on the same
+one-head layout. SATS on a ResNet uses its CNN-feature variant (``configs/_base_/methods/
+sats_deeplab.yaml``): methods take their parameters from ``configs/_base_/methods/<name>.yaml``
+(``<name>_deeplab.yaml`` for ResNet backbones when it exists), else their defaults.
+
+Results are merged into ``benchmarks/results/methods-<device>.json`` (keyed by backbone, size,
+batch, AMP, task, step, method) and the whole file is rendered to ``methods-<device>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from sats.config import ExperimentConfig, TrainConfig, load_config  # noqa: E402
+from sats.data.tasks import Task, get_task  # noqa: E402
+from sats.engine.checkpoint import write_json_atomic, write_text_atomic  # noqa: E402
+from sats.engine.data import joint_task  # noqa: E402
+from sats.engine.evaluator import ConfusionMatrix  # noqa: E402
+from sats.engine.optim import amp_dtype, autocast_factory, build_grad_scaler, build_optimizer, build_scheduler  # noqa: E402
+from sats.methods import Batch, Method, StepContext, build_method, get_method_class, list_methods  # noqa: E402
+from sats.methods.ft import FineTuning  # noqa: E402
+from sats.models import ModelConfig, Segmenter, build_segmenter, frozen_copy  # noqa: E402
+
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+METHOD_CONFIGS = ROOT / "configs" / "_base_" / "methods"
+TARGET_RATIO = 1.15
+HISTORY_MAX_SIZE = 64
+
+#: Named model settings besides the backbone names (``mit_b0`` … ``resnet101``, built with their paper head).
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # the tiny MiT of the tests (seconds on a CPU)
+    "mit_custom-tiny": dict(backbone="mit_custom", embed_dims=[8, 16, 16, 32], depths=[1, 1, 1, 1],
+                            num_heads=[1, 2, 2, 4], sr_ratios=[8, 4, 2, 1], decoder_dim=16, drop_path=0.0),
+    # the demo's MiT (configs/_base_/models/mit_tiny.yaml)
+    "mit_custom-demo": dict(backbone="mit_custom", embed_dims=[16, 32, 64, 128], depths=[2, 2, 2, 2],
+                            num_heads=[1, 2, 4, 8], sr_ratios=[4, 2, 1, 1], decoder_dim=64, drop_path=0.0),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# What is measured
+@dataclass(frozen=True)
+class Spec:
+    """One configuration: a method on a model, batch, resolution and head layout."""
+
+    backbone: str  # a backbone name or a MODEL_PRESETS key
+    size: int  # square input, px
+    method: str
+    batch: int = 2
+    dataset: str = "voc"
+    task: str = "15-5"
+    step: int = 1  # the measured step (joint methods: always their only step, 0)
+    iters: int = 3  # timed iterations (median reported)
+    warmup: int = 1
+    device: str = "cpu"
+    amp: str = "off"  # off | bf16 | fp16
+    threads: int = 0  # torch CPU threads (0: leave the default)
+    optimizer: str = "sgd"
+    profile_dir: Optional[str] = None  # write torch.profiler tables of the method and of FT there
+
+    @property
+    def key(self) -> tuple:
+        return (self.backbone, self.size, self.batch, self.amp, self.dataset, self.task, self.step, self.method)
+
+
+def model_config(name: str) -> ModelConfig:
+    """``ModelConfig`` of a backbone name (MiT: the reference's simple head; ResNet: ASPP) or a preset."""
+    if name in MODEL_PRESETS:
+        return ModelConfig(head="simple", **MODEL_PRESETS[name])
+    return ModelConfig(backbone=name, head="aspp" if name.startswith("resnet") else "simple")
+
+
+def method_section(name: str, cnn: bool) -> dict[str, Any]:
+    """The validated ``method:`` section of ``name`` from its base config (the ``_deeplab`` one for a CNN)."""
+    candidates = ([METHOD_CONFIGS / f"{name}_deeplab.yaml"] if cnn else []) + [METHOD_CONFIGS / f"{name}.yaml"]
+    for path in candidates:
+        if path.is_file():
+            section = load_config(path).method
+            if section["name"] != name:
+                raise ValueError(f"{path}: method.name is {section['name']!r}, expected {name!r}")
+            return section
+    get_method_class(name)  # raises with the list of methods if unknown
+    from sats.methods import validate_method_config
+
+    return validate_method_config({"name": name})
+
+
+def step_task(spec: Spec, method: Method) -> tuple[Task, int]:
+    """The task the method sees and the measured step (joint methods: one step of every class)."""
+    task = get_task(spec.dataset, spec.task)
+    if method.joint:
+        return joint_task(task), 0
+    if not 0 <= spec.step < task.num_steps:
+        raise ValueError(f"--step {spec.step} is outside task {spec.dataset}/{spec.task} ({task.num_steps} steps)")
+    return task, spec.step
+
+
+def synthetic_batch(task: Task, step: int, batch: int, size: int, device: torch.device, saliency: bool,
+                    seed: int = 0) -> Batch:
+    """A fixed training batch of step ``step``: random images, labels in the step's channels.
+
+    Labels ``(B, H, W)``: background 0 (old and future classes are 0 after the training table), two
+    rectangles of the step's new channels per image, a 255 border (``size // 32`` px, at least 1).
+    Saliency (when asked): uniform random in [0, 1].
+    """
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, size, size, generator=gen)
+    labels = torch.zeros(batch, size, size, dtype=torch.int64)
+    new = list(task.new_channels(step)) if step > 0 else list(range(1, task.num_outputs(0)))
+    if not new:
+        new = [0]
+    s = size
+    for b in range(batch):  # batch-sized setup loop, outside the timed iterations
+        labels[b, s // 8: s // 2, s // 8: s // 2] = new[(2 * b) % len(new)]
+        labels[b, s // 2: 7 * s // 8, s // 3: 5 * s // 6] = new[(2 * b + 1) % len(new)]
+    border = max(1, s // 32)
+    labels[:, :border], labels[:, -border:], labels[:, :, :border], labels[:, :, -border:] = 255, 255, 255, 255
+    sal = torch.rand(batch, size, size, generator=gen) if saliency else None
+    return Batch(images=images, labels=labels, saliency=sal).to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# The runner's training iteration
+def train_iteration(model: torch.nn.Module, old_model: Optional[Segmenter], method: Method, batch: Batch,
+                    needs: frozenset, old_needs: frozenset, ctx: StepContext, autocast: Callable[[], Any],
+                    optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any, grad_clip: float = 0.0) -> dict:
+    """One training iteration in the order of ``sats.engine.runner.Runner._train`` (its loop body).
+
+    Kept in step with the runner by hand (the runner's loop body is not a separate function yet):
+    forward of the model and, under ``no_grad``, of the old model → ``method.loss`` → sum →
+    ``zero_grad`` → backward → ``unscale_`` → finiteness of the loss and of the gradients (max |g|,
+    one host sync) → ``after_backward`` → clipping → optimiser step → scaler update → scheduler step
+    → ``after_optimizer_step``. Raises on a non-finite loss or gradient (the benchmark never skips).
+    """
+    with autocast():
+        out = model(batch.images, need=needs)
+        old_out = None
+        if old_model is not None and method.old_forward:
+            with torch.no_grad():
+                old_out = old_model(batch.images, need=old_needs)
+        terms = method.loss(batch, out, old_out, ctx)
+    del out, old_out  # as the runner: the old model's maps are freed before backward
+    loss = sum(terms.values())
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    bad_loss = ~torch.isfinite(loss.detach())
+    bad_grad = torch.zeros_like(bad_loss)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if grads and not scaler.is_enabled():
+        bad_grad = ~torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=float("inf")))
+    loss_flag, grad_flag = torch.stack([bad_loss, bad_grad]).float().tolist()
+    if loss_flag or grad_flag:
+        raise RuntimeError(f"method {method.name!r}: non-finite {'loss' if loss_flag else 'gradient'} in the "
+                           f"benchmark: " + ", ".join(f"{k}={float(v.detach())}" for k, v in terms.items()))
+    method.after_backward(ctx)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    method.after_optimizer_step(ctx)
+    ctx.iteration += 1
+    return terms
+
+
+# ----------------------------------------------------------------------------------------------
+# Time and memory
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _proc_status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field} line")
+
+
+class MemoryProbe:
+    """Peak memory of a phase: CUDA allocator statistics, or the process's RSS high-water mark on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.unavailable: Optional[str] = None
+        if device.type != "cuda":
+            try:
+                self._clear_refs()
+            except OSError as exc:  # not Linux, or /proc not writable: no CPU memory figures
+                self.unavailable = f"cannot reset the RSS peak (/proc/self/clear_refs): {exc}"
+
+    @staticmethod
+    def _clear_refs() -> None:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
+
+    @property
+    def kind(self) -> str:
+        if self.device.type == "cuda":
+            return "cuda max_memory_allocated"
+        return self.unavailable or "cpu peak RSS (VmHWM reset before the phase)"
+
+    def start(self) -> Optional[float]:
+        """Reset the peak; return the memory in use now (MiB)."""
+        gc.collect()
+        sync(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return torch.cuda.memory_allocated(self.device) / 2**20
+        if self.unavailable:
+            return None
+        self._clear_refs()
+        return _proc_status_mb("VmRSS")
+
+    def peak(self) -> Optional[float]:
+        sync(self.device)
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return None if self.unavailable else _proc_status_mb("VmHWM")
+
+
+def timed(fn: Callable[[], Any], n: int, device: torch.device) -> tuple[list[float], list[float]]:
+    """Run ``fn`` ``n`` times; wall and process-CPU milliseconds of each call (device synchronised)."""
+    wall, cpu = [], []
+    for _ in range(n):
+        sync(device)
+        start, start_cpu = time.perf_counter(), time.process_time()
+        fn()
+        sync(device)
+        wall.append((time.perf_counter() - start) * 1000)
+        cpu.append((time.process_time() - start_cpu) * 1000)
+    return wall, cpu
+
+
+def profile_table(fn: Callable[[], Any], n: int, device: torch.device, title: str) -> str:
+    """torch.profiler over ``n`` calls of ``fn``: the top operators by self time, as text."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(n):
+            fn()
+        sync(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return f"## {title} ({n} iterations)\n\n" + prof.key_averages().table(sort_by=sort, row_limit=30) + "\n"
+
+
+def _median(values: Sequence[float]) -> float:
+    return round(statistics.median(values), 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# One measurement
+class _Bench:
+    """The models, method and batch of one :class:`Spec` (see the module docstring for the phases)."""
+
+    def __init__(self, spec: Spec) -> None:
+        self.spec = spec
+        self.device = torch.device(spec.device)
+        torch.manual_seed(0)
+        self.model_cfg = model_config(spec.backbone)
+        cnn = not self.model_cfg.is_mit
+        self.method = build_method(method_section(spec.method, cnn))
+        self.task, self.step = step_task(spec, self.method)
+        self.train_cfg = TrainConfig(optimizer=spec.optimizer, amp=spec.amp, epochs=1, warmup_iters=0)
+        self.cfg = ExperimentConfig(model=self.model_cfg, train=self.train_cfg, method=method_section(spec.method, cnn))
+        self.amp = amp_dtype(self.train_cfg, self.device)
+        self.autocast = autocast_factory(self.device, self.amp)
+        self.tmp = tempfile.TemporaryDirectory(prefix="sats-bench-")
+        self.batch = synthetic_batch(self.task, self.step, spec.batch, spec.size, self.device,
+                                     self.method.needs_saliency_at(self.step))
+        self.model, self.old_model = self._history()
+
+    # -- setup --------------------------------------------------------------------------------
+    def context(self, step: int, model: Segmenter, old_model: Optional[Segmenter], batch: Batch) -> StepContext:
+        def loader(label_table: Any = None) -> Iterable[Batch]:
+            return iter([batch])  # the label table is ignored: the batch is already in channels
+
+        # fixed digests: caches keyed on them (PLOP/SATS thresholds) land in this process's temporary folder
+        return StepContext(step=step, task=self.task, cfg=self.cfg, model=model, old_model=old_model,
+                           device=self.device, run_dir=Path(self.tmp.name), cache_dir=Path(self.tmp.name),
+                           old_checkpoint_digest=f"benchmark-step{step - 1}" if step > 0 else None,
+                           train_loader=loader, autocast=self.autocast, log_scalar=lambda name, value: None,
+                           data_digest=f"benchmark-{batch.images.shape[-1]}px")
+
+    def optimizer(self, params: list, total: int) -> tuple[torch.optim.Optimizer, Any, Any]:
+        optimizer = build_optimizer(params, self.train_cfg, self.train_cfg.lr_at(1))
+        return optimizer, build_scheduler(optimizer, self.train_cfg, total), build_grad_scaler(self.device, self.amp)
+
+    def _history(self) -> tuple[Segmenter, Optional[Segmenter]]:
+        """The step-``t`` model and old model, after one real iteration of every earlier step."""
+        method, task, t = self.method, self.task, self.step
+        model = build_segmenter(self.model_cfg, method.model_head_sizes(task, 0)).to(self.device)
+        old_model: Optional[Segmenter] = None
+        small = min(self.spec.size, HISTORY_MAX_SIZE)
+        for s in range(t + 1):
+            if s > 0:
+                old_model = frozen_copy(model).to(self.device) if method.old_model_at(s) else None
+                model.add_step(len(task.new_classes(s)), init=method.head_init)
+                model.to(self.device)
+            if s == t:
+                break
+            batch = synthetic_batch(task, s, self.spec.batch, small, self.device, method.needs_saliency_at(s), seed=s + 1)
+            ctx = self.context(s, model, old_model, batch)
+            ctx.total_iterations = 1
+            model.train()
+            optimizer, scheduler, scaler = self.optimizer(method.trainable_parameters(model, s), 1)
+            method.begin_step(ctx)
+            train_iteration(model, old_model, method, batch, method.needs_at(s), method.old_needs, ctx,
+                            self.autocast, optimizer, scheduler, scaler)
+            method.end_step(ctx)
+            method.load_state_dict(method.state_dict())  # the checkpoint round trip between steps
+        model.requires_grad_(True)  # undo a method's freezing (SSUL) before the FT bound
+        model.zero_grad(set_to_none=True)
+        return model, old_model
+
+    # -- phases -------------------------------------------------------------------------------
+    def ft_bound(self) -> tuple[list[float], list[float], Optional[str]]:
+        """FT's training iteration on the same model (every parameter, same optimiser kind)."""
+        spec, ft = self.spec, FineTuning()
+        ctx = self.context(self.step, self.model, None, self.batch)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer, scheduler, scaler = self.optimizer(params, spec.warmup + spec.iters + 2)
+        self.model.train()
+
+        def step() -> None:
+            train_iteration(self.model, None, ft, self.batch, frozenset(), frozenset(), ctx, self.autocast,
+                            optimizer, scheduler, scaler)
+
+        timed(step, spec.warmup, self.device)
+        wall, cpu = timed(step, spec.iters, self.device)
+        table = profile_table(step, 2, self.device, "FT training iteration") if spec.profile_dir else None
+        del optimizer, scheduler, scaler
+        self.model.zero_grad(set_to_none=True)
+        return wall, cpu, table
+
+    def old_forward(self) -> tuple[list[float], list[float], Optional[str]]:
+        """The old model's no-grad forward with the method's ``old_needs`` (empty if the method runs none)."""
+        method, spec = self.method, self.spec
+        if self.old_model is None or not method.old_forward:
+            return [0.0], [0.0], None
+        needs = method.old_needs
+
+        def forward() -> None:
+            with torch.no_grad(), self.autocast():
+                self.old_model(self.batch.images, need=needs)
+
+        timed(forward, spec.warmup, self.device)
+        wall, cpu = timed(forward, spec.iters, self.device)
+        table = profile_table(forward, 2, self.device, f"old model forward, need={sorted(needs)}") if spec.profile_dir else None
+        return wall, cpu, table
+
+    def method_train(self, probe: MemoryProbe) -> dict[str, Any]:
+        spec, method, t = self.spec, self.method, self.step
+        self.model.train()
+        ctx = self.context(t, self.model, self.old_model, self.batch)
+        ctx.total_iterations = spec.warmup + spec.iters + 2
+        optimizer, scheduler, scaler = self.optimizer(method.trainable_parameters(self.model, t), ctx.total_iterations)
+        method.begin_step(ctx)
+        terms: dict = {}
+
+        def step() -> None:
+            nonlocal terms
+            terms = train_iteration(self.model, self.old_model, method, self.batch, method.needs_at(t),
+                                    method.old_needs, ctx, self.autocast, optimizer, scheduler, scaler)
+
+        timed(step, spec.warmup, self.device)
+        base = probe.start()
+        wall, cpu = timed(step, spec.iters, self.device)
+        peak = probe.peak()
+        table = profile_table(step, 2, self.device, f"{method.name} training iteration") if spec.profile_dir else None
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        del optimizer, scheduler, scaler
+        self.model.zero_grad(set_to_none=True)
+        return {"wall": wall, "cpu": cpu, "peak": peak, "base": base, "terms": sorted(terms), "table": table,
+                "trainable_params_m": round(trainable / 1e6, 3)}
+
+    def evaluate(self, probe: MemoryProbe) -> dict[str, Any]:
+        model, method = self.model, self.method
+        model.eval()
+        cm = ConfusionMatrix(self.task.num_outputs(self.step), self.device)
+        labels = self.batch.labels
+
+        def step() -> None:
+            with torch.no_grad():
+                with self.autocast():
+                    logits = model(self.batch.images).logits
+                cm.update(method.predict(logits.float()), labels)
+
+        timed(step, self.spec.warmup, self.device)
+        base = probe.start()
+        wall, _ = timed(step, self.spec.iters, self.device)
+        return {"wall": wall, "peak": probe.peak(), "base": base}
+
+
+def measure(spec: Spec) -> dict[str, Any]:
+    """Every figure of one configuration (one process); see the module docstring."""
+    if spec.threads > 0:
+        torch.set_num_threads(spec.threads)
+    device = torch.device(spec.device)
+    bench = _Bench(spec)
+    probe = MemoryProbe(device)
+    ft_wall, ft_cpu, ft_table = bench.ft_bound()
+    old_wall, old_cpu, old_table = bench.old_forward()
+    train = bench.method_train(probe)
+    ev = bench.evaluate(probe)
+    method, task, t = bench.method, bench.task, bench.step
+    ft_ms, old_ms, train_ms = _median(ft_wall), _median(old_wall), _median(train["wall"])
+    ft_cpu_ms, old_cpu_ms, train_cpu_ms = _median(ft_cpu), _median(old_cpu), _median(train["cpu"])
+    bound, bound_cpu = ft_ms + old_ms, ft_cpu_ms + old_cpu_ms
+    if spec.profile_dir:
+        path = Path(spec.profile_dir) / f"{spec.backbone}-{spec.size}px-b{spec.batch}-{spec.method}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, f"# {spec.method} on {spec.backbone}, {spec.size} px, batch {spec.batch}, "
+                                f"{spec.device}\n\n" + "\n".join(x for x in (train["table"], ft_table, old_table) if x))
+    eval_ms = _median(ev["wall"])
+    row: dict[str, Any] = {
+        **{k: v for k, v in asdict(spec).items() if k not in ("profile_dir",)},
+        "step": t,
+        "head_sizes": method.model_head_sizes(task, t),
+        "num_outputs": task.num_outputs(t),
+        "needs": sorted(method.needs_at(t)),
+        "old_needs": sorted(method.old_needs) if bench.old_model is not None and method.old_forward else None,
+        "old_model": bench.old_model is not None,
+        "terms": train["terms"],
+        "trainable_params_m": train["trainable_params_m"],
+        "train_ms": train_ms,
+        "train_cpu_ms": train_cpu_ms,
+        "images_per_s": round(spec.batch / train_ms * 1000, 3),
+        "ft_ms": ft_ms,
+        "ft_cpu_ms": ft_cpu_ms,
+        "old_forward_ms": old_ms,
+        "old_forward_cpu_ms": old_cpu_ms,
+        "bound_ms": round(bound, 3),
+        "bound_cpu_ms": round(bound_cpu, 3),
+        "ratio": round(train_ms / bound, 4),
+        "ratio_cpu": round(train_cpu_ms / bound_cpu, 4),
+        "train_peak_mb": None if train["peak"] is None else round(train["peak"], 1),
+        "train_peak_growth_mb": None if train["peak"] is None else round(train["peak"] - train["base"], 1),
+        "eval_ms": eval_ms,
+        "eval_images_per_s": round(spec.batch / eval_ms * 1000, 3),
+        "eval_peak_growth_mb": None if ev["peak"] is None else round(ev["peak"] - ev["base"], 1),
+        "memory_measure": probe.kind,
+        "threads": torch.get_num_threads(),
+    }
+    return row
+
+
+# ----------------------------------------------------------------------------------------------
+# Many measurements
+def run_isolated(spec: Spec) -> dict[str, Any]:
+    """:func:`measure` in a fresh Python process (its memory peak is this configuration's alone)."""
+    command = [sys.executable, "-m", "benchmarks.methods", "--single", json.dumps(asdict(spec))]
+    done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark of {spec.method} on {spec.backbone} at {spec.size} px failed "
+                           f"(exit {done.returncode}):\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+NUMERIC_MEDIAN = ("train_ms", "train_cpu_ms", "images_per_s", "ft_ms", "ft_cpu_ms", "old_forward_ms",
+                  "old_forward_cpu_ms", "bound_ms", "bound_cpu_ms", "ratio", "ratio_cpu", "train_peak_mb",
+                  "train_peak_growth_mb", "eval_ms", "eval_images_per_s", "eval_peak_growth_mb")
+
+
+def combine(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Median of every figure over repeated processes (ratios: median of the per-process ratios)."""
+    out = dict(rows[-1])
+    for key in NUMERIC_MEDIAN:
+        values = [r[key] for r in rows if r.get(key) is not None]
+        out[key] = round(statistics.median(values), 4) if values else None
+    out["repeats"] = len(rows)
+    out["ratio_runs"] = [r["ratio"] for r in rows]
+    return out
+
+
+def run_specs(specs: Sequence[Spec], isolate: bool, repeats: int, log: Callable[[str], None] = print) -> list[dict]:
+    """Measure every spec ``repeats`` times, round-robin (drift of the machine's load spreads over all)."""
+    per_spec: dict[tuple, list[dict]] = {spec.key: [] for spec in specs}
+    for r in range(repeats):
+        for spec in specs:
+            row = run_isolated(spec) if isolate else measure(spec)
+            per_spec[spec.key].append(row)
+            log(f"[{r + 1}/{repeats}] {spec.backbone} {spec.size}px b{spec.batch} {spec.dataset} {spec.task} "
+                f"t={row['step']} {spec.method:7s} train {row['train_ms']:9.1f} ms  bound {row['bound_ms']:9.1f} ms "
+                f"(FT {row['ft_ms']:.1f} + old {row['old_forward_ms']:.1f})  ratio {row['ratio']:.3f} "
+                f"(cpu {row['ratio_cpu']:.3f})  peak {row['train_peak_mb']} MiB  eval {row['eval_images_per_s']:.2f} img/s")
+    return [combine(per_spec[spec.key]) for spec in specs]
+
+
+def environment(device: torch.device, threads: int) -> dict[str, Any]:
+    """Machine, software and load (the load average matters on a shared CPU)."""
+    cpu_model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if names:
+            cpu_model = names[0]
+    except OSError:
+        pass  # not Linux: platform.processor() stays
+    return {
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": threads,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def merge_results(path: Path, rows: Sequence[dict], env: dict, key_fields: Sequence[str]) -> dict:
+    """Merge ``rows`` into the JSON at ``path`` (same key → replaced); keeps every run's environment."""
+    previous = json.loads(path.read_text()) if path.is_file() else {"runs": [], "results": []}
+    keyed = {tuple(r[k] for k in key_fields): r for r in previous.get("results", [])}
+    for r in rows:
+        keyed[tuple(r[k] for k in key_fields)] = {**r, "run": len(previous.get("runs", []))}
+    payload = {"runs": previous.get("runs", []) + [env],
+               "results": sorted(keyed.values(), key=lambda r: tuple(str(r[k]) for k in key_fields))}
+    write_json_atomic(path, payload)
+    return payload
+
+
+KEY_FIELDS = ("backbone", "size", "batch", "amp", "dataset", "task", "step", "method")
+
+
+def _fmt(value: Optional[float], digits: int = 1) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def cost_markdown(payload: dict) -> str:
+    """One table per (backbone, size, batch, AMP, layout); ratios above 1.15 in bold."""
+    runs = payload["runs"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in payload["results"]:
+        groups.setdefault((r["backbone"], r["size"], r["batch"], r["amp"], r["dataset"], r["task"]), []).append(r)
+    lines = ["# Method cost", "",
+             f"Lower bound = FT ms/iter + old-model no-grad forward ms (same process); target ratio ≤ {TARGET_RATIO}. "
+             "Medians over timed iterations, then over repeated processes. Peak = training peak "
+             "(CPU: RSS, growth = over the RSS before the timed loop; CUDA: max allocated).", ""]
+    for (backbone, size, batch, amp, dataset, task), rows in groups.items():
+        env = runs[rows[0]["run"]] if rows[0].get("run", -1) < len(runs) else {}
+        lines += [f"## {backbone}, {size} px, batch {batch}, AMP {amp}, {dataset} {task}",
+                  "", f"{env.get('device_name', '?')} ({env.get('device', '?')}), torch {env.get('torch', '?')}, "
+                      f"{env.get('torch_threads', '?')} threads, load average {env.get('loadavg', '?')}, "
+                      f"{env.get('date', '?')}", "",
+                  "| method | step | train ms/iter | img/s | peak MiB | growth MiB | eval img/s | FT ms | old fwd ms "
+                  "| bound ms | ratio | ratio (CPU time) | repeats |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in sorted(rows, key=lambda r: r["method"]):
+            ratio = f"{r['ratio']:.2f}"
+            if r["ratio"] > TARGET_RATIO:
+                ratio = f"**{ratio}**"
+            lines.append(
+                f"| {r['method']} | {r['step']} | {_fmt(r['train_ms'])} | {_fmt(r['images_per_s'], 2)} | "
+                f"{_fmt(r['train_peak_mb'], 0)} | {_fmt(r['train_peak_growth_mb'], 0)} | "
+                f"{_fmt(r['eval_images_per_s'], 2)} | {_fmt(r['ft_ms'])} | {_fmt(r['old_forward_ms'])} | "
+                f"{_fmt(r['bound_ms'])} | {ratio} | {r['ratio_cpu']:.2f} | {r.get('repeats', 1)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+def split_list(values: Optional[Sequence[str]]) -> list[str]:
+    """``["ft,mib", "sats"]`` → ``["ft", "mib", "sats"]``."""
+    return [v for item in values or [] for v in item.split(",") if v]
+
+
+def resolve_methods(values: Optional[Sequence[str]]) -> list[str]:
+    names = split_list(values)
+    if not names or names == ["all"]:
+        return list_methods()
+    for name in names:
+        get_method_class(name)  # raises naming the unknown method and the available ones
+    return names
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, cuda: bool) -> None:
+    """Options shared by the cost and scaling benchmarks."""
+    parser.add_argument("--methods", nargs="+", default=None, help="comma/space separated (default: every registered)")
+    parser.add_argument("--batch", type=int, default=8 if cuda else 2)
+    parser.add_argument("--iters", type=int, default=20 if cuda else 3, help="timed iterations (median reported)")
+    parser.add_argument("--warmup", type=int, default=5 if cuda else 1)
+    parser.add_argument("--repeats", type=int, default=1, help="processes per configuration (median of them)")
+    parser.add_argument("--device", default="cuda" if cuda else "cpu")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
+    parser.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+    parser.add_argument("--no-isolate", dest="isolate", action="store_false",
+                        help="measure in this process (faster; CPU memory figures then share one process)")
+    parser.add_argument("--profile", action="store_true", help="write torch.profiler tables to results/profiles/")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (the markdown goes next to it)")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(prog="python -m benchmarks cost", description=__doc__.split("\n")[0])
+    parser.add_argument("--backbones", nargs="+", default=["mit_b0", "mit_b2", "resnet101"],
+                        help=f"backbone names or presets {sorted(MODEL_PRESETS)}")
+    parser.add_argument("--sizes", nargs="+", type=int, default=[512] if cuda else [256])
+    parser.add_argument("--task", default="voc:15-5", help="DATASET:TASK of the head layout")
+    parser.add_argument("--step", type=int, default=1, help="the measured step")
+    parser.add_argument("--single", default=None, help=argparse.SUPPRESS)
+    add_common_arguments(parser, cuda)
+    args = parser.parse_args(argv)
+    if args.single:  # child process of run_isolated
+        print(json.dumps(measure(Spec(**json.loads(args.single)))))
+        return {}
+    dataset, _, task = args.task.partition(":")
+    out = args.out or RESULTS_DIR / f"methods-{torch.device(args.device).type}.json"
+    profile_dir = str(out.parent / "profiles") if args.profile else None
+    specs = [Spec(backbone=b, size=s, method=m, batch=args.batch, dataset=dataset, task=task, step=args.step,
+                  iters=args.iters, warmup=args.warmup, device=args.device, amp=args.amp, threads=args.threads,
+                  optimizer=args.optimizer, profile_dir=profile_dir)
+             for b in args.backbones for s in args.sizes for m in resolve_methods(args.methods)]
+    env_before = environment(torch.device(args.device), args.threads)
+    rows = run_specs(specs, args.isolate, args.repeats)
+    env = {**env_before, "loadavg_after": [round(x, 2) for x in os.getloadavg()], "command": "cost " + " ".join(argv or sys.argv[1:])}
+    payload = merge_results(out, rows, env, KEY_FIELDS)
+    write_text_atomic(out.with_suffix(".md"), cost_markdown(payload))
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Every experiment config of configs/voc and configs/ade loads, validates and says what its name says."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import CONFIGS
+from sats.config import load_config
+from sats.data.tasks import get_task
+from sats.report.paper_results import VOC_OVERLAPPED
+
+FILES = sorted((CONFIGS / "voc").glob("*.yaml")) + sorted((CONFIGS / "ade").glob("*.yaml"))
+NAME = re.compile(r"^(?P<method>[a-z0-9-]+)_(?P<backbone>mit-b[0-5]|r50|r101)_(?P<dataset>voc|ade)-"
+                  r"(?P<task>\d+-\d+)(?P<disjoint>_disjoint)?$")
+BACKBONE_TOKENS = {"r50": "resnet50", "r101": "resnet101", **{f"mit-b{i}": f"mit_b{i}" for i in range(6)}}
+PAPER_ONLY = {"sdr", "recall", "st_cil"}  # methods of the paper's table that sats does not implement
+
+
+@functools.lru_cache(maxsize=None)
+def _load(path: Path):
+    return load_config(path)
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("configs_generate", CONFIGS / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_there_are_configs():
+    assert len(FILES) >= 100
+
+
+@pytest.mark.parametrize("path", FILES, ids=[p.name for p in FILES])
+def test_config_validates_and_matches_its_name(path: Path):
+    cfg = _load(path)
+    parts = NAME.match(path.stem)
+    assert parts, f"{path.name} does not follow {{method}}_{{backbone}}_{{dataset}}-{{task}}[_disjoint].yaml"
+    assert cfg.name == path.stem
+    token = parts["method"]
+    memory = token.endswith("-m")
+    assert cfg.method_name == token.removesuffix("-m").replace("-", "_")
+    assert cfg.memory.enabled == memory
+    assert cfg.model.backbone == BACKBONE_TOKENS[parts["backbone"]]
+    assert cfg.data.dataset == parts["dataset"]
+    assert cfg.data.task == parts["task"]
+    assert cfg.data.overlap == (parts["disjoint"] is None)
+    get_task(cfg.data.dataset, cfg.data.task)  # a task the dataset knows
+    assert cfg.model.pretrained  # every paper row starts from ImageNet weights
+    if cfg.data.dataset == "ade":
+        assert cfg.train.epochs == 60 and cfg.data.root.endswith("ADEChallengeData2016")
+    elif cfg.method_name != "ssul":  # SSUL trains 50 epochs (METHODS.md §4)
+        assert cfg.train.epochs == 30
+
+
+def test_every_paper_row_has_a_config():
+    """Each (method, backbone, task) cell of the VOC table that sats can run has its file."""
+    tokens = {"mit_b2": "mit-b2", "resnet101": "r101"}
+    expected = {f"{r.method.replace('_', '-')}_{tokens[r.backbone]}_voc-{r.task}.yaml"
+                for r in VOC_OVERLAPPED if r.backbone is not None and r.method not in PAPER_ONLY and r.all is not None}
+    present = {p.name for p in FILES}
+    assert len(expected) == 18 * 4  # 7 DeepLabV3 rows + 11 SegFormer-B2 rows, 4 tasks each
+    assert sorted(expected - present) == []
+
+
+def test_method_values_of_special_rows():
+    """Hand-checked values: Appendix A, the ADE λ_sat = 30 tasks, PLOP's ADE DeepLab POD factors."""
+    voc = CONFIGS / "voc"
+    ade = CONFIGS / "ade"
+    sats = _load(voc / "sats_mit-b2_voc-15-1.yaml")
+    assert (sats.method["lambda_kd"], sats.method["lambda_sat"], sats.method["source"]) == (20.0, 20.0, "attention")
+    assert sats.train.lr == 0.01 and sats.train.lr_incremental == 0.001 and sats.data.overlap
+    assert _load(voc / "sats_r101_voc-15-5.yaml").method["source"] == "features"
+    assert _load(ade / "sats_mit-b2_ade-25-25.yaml").method["lambda_sat"] == 30.0
+    assert _load(ade / "sats_mit-b2_ade-50-10.yaml").method["lambda_sat"] == 30.0
+    assert _load(ade / "sats_mit-b2_ade-100-10.yaml").method["lambda_sat"] == 20.0
+    plop_r101 = _load(ade / "plop_r101_ade-100-10.yaml").method
+    assert (plop_r101["pod_factor"], plop_r101["pod_logits_factor"]) == (0.001, 0.00001)
+    plop_b2 = _load(ade / "plop_mit-b2_ade-100-10.yaml").method
+    assert (plop_b2["pod_factor"], plop_b2["pod_logits_factor"]) == (0.01, 0.0005)
+    assert _load(voc / "mib_mit-b2_voc-15-5.yaml").method["lambda_kd"] == 40.0
+    disjoint = _load(voc / "mib_r101_voc-15-1_disjoint.yaml")
+    assert not disjoint.data.overlap and disjoint.data.task == "15-1"
+    assert _load(voc / "joint_r101_voc-10-1.yaml").method_name == "joint"
+
+
+def test_generated_files_are_in_sync(capsys):
+    """configs/generate.py --check: nothing missing, nothing edited by hand."""
+    generate = _generator()
+    assert generate.main(["--check"]) == 0, capsys.readouterr().out
+    stems = [r.stem for r in generate.all_rows()]
+    assert len(stems) == len(set(stems))
