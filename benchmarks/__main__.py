@@ -16,16 +16,19 @@ Commands:
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 
-def _commands() -> dict[str, Callable[[Optional[Sequence[str]]], Any]]:
-    from benchmarks import accuracy, attention_loss, confusion, methods, models, scaling
+MODULES = {"cost": "methods", "scaling": "scaling", "accuracy": "accuracy", "confusion": "confusion",
+           "models": "models", "attention": "attention_loss"}
 
-    return {"cost": methods.main, "scaling": scaling.main, "accuracy": accuracy.main, "confusion": confusion.main,
-            "models": models.main, "attention": attention_loss.main}
+
+def _command(name: str) -> Callable[[Optional[Sequence[str]]], Any]:
+    """The ``main(argv)`` of a command's module (imported on demand: torch-heavy imports stay lazy)."""
+    return importlib.import_module(f"benchmarks.{MODULES[name]}").main
 
 
 ALL = ("cost", "scaling", "confusion", "accuracy")
@@ -33,7 +36,7 @@ ALL = ("cost", "scaling", "confusion", "accuracy")
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    names = ["cost", "scaling", "accuracy", "confusion", "models", "attention", "all"]
+    names = [*MODULES, "all"]
     if not args or args[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if args else 2
@@ -41,16 +44,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if command not in names:
         print(f"benchmarks: unknown command {command!r}; choose one of {', '.join(names)}", file=sys.stderr)
         return 2
-    commands = _commands()
     if command == "all":
         if rest:
             print("benchmarks: `all` takes no options (run the commands one by one to set them)", file=sys.stderr)
             return 2
         for name in ALL:
             print(f"== {name}", flush=True)
-            commands[name]([])
+            _command(name)([])
         return 0
-    result = commands[command](rest)
+    result = _command(command)(rest)
     return result if isinstance(result, int) else 0
 
 

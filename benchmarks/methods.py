@@ -17,27 +17,30 @@ What one measurement does (a fresh subprocess per configuration unless ``--no-is
    ``method.old_model_at(s)``, ``add_step(init=method.head_init)``, ``begin_step``, one training
    iteration, ``end_step``), on a small batch (≤ 64 px). So method state is real: EWC/RW/PI hold a
    finished importance, SSUL's head is the unknown-initialised one, and so on.
-2. **Lower bound.** On the step-``t`` model: FT's training iteration (plain CE, every parameter,
-   same optimiser), then the old model's no-grad forward with the ``old_needs`` the method asks for
-   (only when the method runs the old model: ``old_model_at(t) and old_forward``). The bound is
-   ``FT ms + old forward ms``, both measured in the same process as the method (less noise on a
-   shared machine). ``ratio = method ms / bound ms``, per process, then the median over
-   ``--repeats`` processes. ``ratio_cpu`` is the same on process CPU time (all threads), which is
-   less disturbed by other processes on a shared CPU.
-3. **Method.** ``trainable_parameters`` → optimiser, ``begin_step`` (PLOP / SATS compute their
-   entropy thresholds there: ``ctx.train_loader`` yields the measured batch once, so the thresholds
-   are the per-class medians on that batch and about half of the background pixels are accepted),
-   then ``--warmup`` + ``--iters`` iterations of the runner's sequence (:func:`train_iteration`):
-   ``model(x, need)`` and ``old_model(x, old_needs)`` under ``no_grad`` → ``method.loss`` → sum →
-   ``zero_grad`` → backward → unscale → loss/gradient finiteness check (one host sync, as the
-   runner) → ``after_backward`` → optimiser and scheduler step → ``after_optimizer_step``.
+2. **Method, memory.** ``trainable_parameters`` → optimiser, ``begin_step`` (PLOP / SATS compute
+   their entropy thresholds there: ``ctx.train_loader`` yields the measured batch once, so the
+   thresholds are the per-class medians on that batch and about half of the background pixels are
+   accepted), ``--warmup`` iterations, then the memory peak of up to 2 iterations. An iteration is
+   the runner's sequence (:func:`train_iteration`): ``model(x, need)`` and, under ``no_grad``,
+   ``old_model(x, old_needs)`` → ``method.loss`` → sum → ``zero_grad`` → backward → unscale →
+   loss/gradient finiteness check (one host sync, as the runner) → ``after_backward`` → optimiser
+   and scheduler step → ``after_optimizer_step``.
+3. **Time, interleaved with the lower bound.** ``--iters`` rounds of: one FT training iteration
+   (plain CE, every parameter, same optimiser kind, on a copy of the step-``t`` model), one no-grad
+   forward of the old model with the ``old_needs`` the method asks for (only when the method runs
+   the old model: ``old_model_at(t) and old_forward``), one iteration of the method. Medians of
+   each; ``bound = FT ms + old forward ms``; ``ratio = method ms / bound``. Interleaving exposes
+   the method and its bound to the same machine load. ``ratio_cpu`` is the same on process CPU
+   time (all threads), less disturbed by other processes on a shared CPU. With ``--repeats R``
+   each configuration runs in R processes (round-robin over configurations) and every figure is
+   the median over them.
 4. **Evaluation.** ``model.eval()``, no grad: logits → ``method.predict`` → ``ConfusionMatrix.update``.
 
-Memory: ``train_peak_mb`` is the peak of the timed training iterations. CUDA:
+Memory: ``train_peak_mb`` is the peak of the method's training iterations (phase 2). CUDA:
 ``torch.cuda.max_memory_allocated`` (weights, old model, optimiser state included);
-``train_peak_growth_mb`` subtracts the memory allocated just before the timed loop. CPU: the peak
+``train_peak_growth_mb`` subtracts the memory allocated just before those iterations. CPU: the peak
 resident set size (``VmHWM``, reset with ``/proc/self/clear_refs`` after warm-up) and its growth
-over the RSS before the timed loop; RSS includes the allocator's cached pages and the Python/torch
+over the RSS before those iterations; RSS includes the allocator's cached pages and the Python/torch
 runtime (~ constant across methods), so compare methods by the growth column.
 
 Joint training (one step, every class) is measured at its only step against FT on the same
@@ -52,6 +55,7 @@ batch, AMP, task, step, method) and the whole file is rendered to ``methods-<dev
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import os
@@ -379,71 +383,52 @@ class _Bench:
         return model, old_model
 
     # -- phases -------------------------------------------------------------------------------
-    def ft_bound(self) -> tuple[list[float], list[float], Optional[str]]:
-        """FT's training iteration on the same model (every parameter, same optimiser kind)."""
-        spec, ft = self.spec, FineTuning()
-        ctx = self.context(self.step, self.model, None, self.batch)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer, scheduler, scaler = self.optimizer(params, spec.warmup + spec.iters + 2)
+    def method_step(self) -> tuple[Callable[[], None], dict]:
+        """Set the method's step up as the runner does (optimiser, ``begin_step``); return its iteration."""
+        method, t = self.method, self.step
         self.model.train()
+        ctx = self.context(t, self.model, self.old_model, self.batch)
+        ctx.total_iterations = 10**6
+        optimizer, scheduler, scaler = self.optimizer(method.trainable_parameters(self.model, t), ctx.total_iterations)
+        method.begin_step(ctx)
+        info: dict = {"terms": []}
 
         def step() -> None:
-            train_iteration(self.model, None, ft, self.batch, frozenset(), frozenset(), ctx, self.autocast,
+            terms = train_iteration(self.model, self.old_model, method, self.batch, method.needs_at(t),
+                                    method.old_needs, ctx, self.autocast, optimizer, scheduler, scaler)
+            info["terms"] = sorted(terms)
+
+        return step, info
+
+    def ft_step(self) -> Callable[[], None]:
+        """FT's training iteration on a copy of the step-``t`` model (every parameter, same optimiser kind)."""
+        ft, model = FineTuning(), copy.deepcopy(self.model).requires_grad_(True).train()
+        ctx = self.context(self.step, model, None, self.batch)
+        ctx.total_iterations = 10**6
+        optimizer, scheduler, scaler = self.optimizer(list(model.parameters()), ctx.total_iterations)
+
+        def step() -> None:
+            train_iteration(model, None, ft, self.batch, frozenset(), frozenset(), ctx, self.autocast,
                             optimizer, scheduler, scaler)
 
-        timed(step, spec.warmup, self.device)
-        wall, cpu = timed(step, spec.iters, self.device)
-        table = profile_table(step, 2, self.device, "FT training iteration") if spec.profile_dir else None
-        del optimizer, scheduler, scaler
-        self.model.zero_grad(set_to_none=True)
-        return wall, cpu, table
+        return step
 
-    def old_forward(self) -> tuple[list[float], list[float], Optional[str]]:
-        """The old model's no-grad forward with the method's ``old_needs`` (empty if the method runs none)."""
-        method, spec = self.method, self.spec
-        if self.old_model is None or not method.old_forward:
-            return [0.0], [0.0], None
-        needs = method.old_needs
+    def old_forward(self) -> Optional[Callable[[], None]]:
+        """The old model's no-grad forward with the method's ``old_needs`` (None: the method runs none)."""
+        if self.old_model is None or not self.method.old_forward:
+            return None
+        old_model, needs = self.old_model, self.method.old_needs
 
         def forward() -> None:
             with torch.no_grad(), self.autocast():
-                self.old_model(self.batch.images, need=needs)
+                old_model(self.batch.images, need=needs)
 
-        timed(forward, spec.warmup, self.device)
-        wall, cpu = timed(forward, spec.iters, self.device)
-        table = profile_table(forward, 2, self.device, f"old model forward, need={sorted(needs)}") if spec.profile_dir else None
-        return wall, cpu, table
+        return forward
 
-    def method_train(self, probe: MemoryProbe) -> dict[str, Any]:
-        spec, method, t = self.spec, self.method, self.step
-        self.model.train()
-        ctx = self.context(t, self.model, self.old_model, self.batch)
-        ctx.total_iterations = spec.warmup + spec.iters + 2
-        optimizer, scheduler, scaler = self.optimizer(method.trainable_parameters(self.model, t), ctx.total_iterations)
-        method.begin_step(ctx)
-        terms: dict = {}
-
-        def step() -> None:
-            nonlocal terms
-            terms = train_iteration(self.model, self.old_model, method, self.batch, method.needs_at(t),
-                                    method.old_needs, ctx, self.autocast, optimizer, scheduler, scaler)
-
-        timed(step, spec.warmup, self.device)
-        base = probe.start()
-        wall, cpu = timed(step, spec.iters, self.device)
-        peak = probe.peak()
-        table = profile_table(step, 2, self.device, f"{method.name} training iteration") if spec.profile_dir else None
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        del optimizer, scheduler, scaler
-        self.model.zero_grad(set_to_none=True)
-        return {"wall": wall, "cpu": cpu, "peak": peak, "base": base, "terms": sorted(terms), "table": table,
-                "trainable_params_m": round(trainable / 1e6, 3)}
-
-    def evaluate(self, probe: MemoryProbe) -> dict[str, Any]:
-        model, method = self.model, self.method
-        model.eval()
+    def eval_step(self) -> Callable[[], None]:
+        """Evaluation of one batch: logits → ``method.predict`` → confusion-matrix update."""
+        model, method, labels = self.model, self.method, self.batch.labels
         cm = ConfusionMatrix(self.task.num_outputs(self.step), self.device)
-        labels = self.batch.labels
 
         def step() -> None:
             with torch.no_grad():
@@ -451,10 +436,7 @@ class _Bench:
                     logits = model(self.batch.images).logits
                 cm.update(method.predict(logits.float()), labels)
 
-        timed(step, self.spec.warmup, self.device)
-        base = probe.start()
-        wall, _ = timed(step, self.spec.iters, self.device)
-        return {"wall": wall, "peak": probe.peak(), "base": base}
+        return step
 
 
 def measure(spec: Spec) -> dict[str, Any]:
@@ -464,30 +446,66 @@ def measure(spec: Spec) -> dict[str, Any]:
     device = torch.device(spec.device)
     bench = _Bench(spec)
     probe = MemoryProbe(device)
-    ft_wall, ft_cpu, ft_table = bench.ft_bound()
-    old_wall, old_cpu, old_table = bench.old_forward()
-    train = bench.method_train(probe)
-    ev = bench.evaluate(probe)
     method, task, t = bench.method, bench.task, bench.step
-    ft_ms, old_ms, train_ms = _median(ft_wall), _median(old_wall), _median(train["wall"])
-    ft_cpu_ms, old_cpu_ms, train_cpu_ms = _median(ft_cpu), _median(old_cpu), _median(train["cpu"])
-    bound, bound_cpu = ft_ms + old_ms, ft_cpu_ms + old_cpu_ms
+    tables: list[str] = []
+
+    # 1. the method alone: warm-up, then the memory peak of its iterations
+    method_step, info = bench.method_step()
+    timed(method_step, spec.warmup, device)
+    base = probe.start()
+    timed(method_step, max(1, min(2, spec.iters)), device)
+    peak = probe.peak()
+    trainable = sum(p.numel() for p in bench.model.parameters() if p.requires_grad)
+
+    # 2. interleaved timing: FT iteration | old forward | method iteration, one of each per round
+    ft_step, old_forward = bench.ft_step(), bench.old_forward()
+    timed(ft_step, spec.warmup, device)
+    if old_forward is not None:
+        timed(old_forward, spec.warmup, device)
+    times: dict[str, tuple[list[float], list[float]]] = {"ft": ([], []), "old": ([0.0], [0.0]), "method": ([], [])}
+    if old_forward is not None:
+        times["old"] = ([], [])
+    for _ in range(spec.iters):
+        for name, fn in (("ft", ft_step), ("old", old_forward), ("method", method_step)):
+            if fn is not None:
+                wall, cpu = timed(fn, 1, device)
+                times[name][0].extend(wall)
+                times[name][1].extend(cpu)
     if spec.profile_dir:
+        tables.append(profile_table(method_step, 2, device, f"{method.name} training iteration"))
+        tables.append(profile_table(ft_step, 2, device, "FT training iteration"))
+        if old_forward is not None:
+            tables.append(profile_table(old_forward, 2, device, f"old model forward, need={sorted(method.old_needs)}"))
         path = Path(spec.profile_dir) / f"{spec.backbone}-{spec.size}px-b{spec.batch}-{spec.method}.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, f"# {spec.method} on {spec.backbone}, {spec.size} px, batch {spec.batch}, "
-                                f"{spec.device}\n\n" + "\n".join(x for x in (train["table"], ft_table, old_table) if x))
-    eval_ms = _median(ev["wall"])
-    row: dict[str, Any] = {
-        **{k: v for k, v in asdict(spec).items() if k not in ("profile_dir",)},
+                                f"{spec.device}\n\n" + "\n".join(tables))
+    del ft_step
+    gc.collect()
+
+    # 3. evaluation
+    eval_step = bench.eval_step()
+    bench.model.eval()
+    timed(eval_step, spec.warmup, device)
+    eval_base = probe.start()
+    eval_wall, _ = timed(eval_step, spec.iters, device)
+    eval_peak = probe.peak()
+
+    ft_ms, old_ms, train_ms = (_median(times[k][0]) for k in ("ft", "old", "method"))
+    ft_cpu_ms, old_cpu_ms, train_cpu_ms = (_median(times[k][1]) for k in ("ft", "old", "method"))
+    bound, bound_cpu = ft_ms + old_ms, ft_cpu_ms + old_cpu_ms
+    eval_ms = _median(eval_wall)
+    runs_old = old_forward is not None
+    return {
+        **{k: v for k, v in asdict(spec).items() if k != "profile_dir"},
         "step": t,
         "head_sizes": method.model_head_sizes(task, t),
         "num_outputs": task.num_outputs(t),
         "needs": sorted(method.needs_at(t)),
-        "old_needs": sorted(method.old_needs) if bench.old_model is not None and method.old_forward else None,
+        "old_needs": sorted(method.old_needs) if runs_old else None,
         "old_model": bench.old_model is not None,
-        "terms": train["terms"],
-        "trainable_params_m": train["trainable_params_m"],
+        "terms": info["terms"],
+        "trainable_params_m": round(trainable / 1e6, 3),
         "train_ms": train_ms,
         "train_cpu_ms": train_cpu_ms,
         "images_per_s": round(spec.batch / train_ms * 1000, 3),
@@ -499,15 +517,14 @@ def measure(spec: Spec) -> dict[str, Any]:
         "bound_cpu_ms": round(bound_cpu, 3),
         "ratio": round(train_ms / bound, 4),
         "ratio_cpu": round(train_cpu_ms / bound_cpu, 4),
-        "train_peak_mb": None if train["peak"] is None else round(train["peak"], 1),
-        "train_peak_growth_mb": None if train["peak"] is None else round(train["peak"] - train["base"], 1),
+        "train_peak_mb": None if peak is None else round(peak, 1),
+        "train_peak_growth_mb": None if peak is None else round(peak - base, 1),
         "eval_ms": eval_ms,
         "eval_images_per_s": round(spec.batch / eval_ms * 1000, 3),
-        "eval_peak_growth_mb": None if ev["peak"] is None else round(ev["peak"] - ev["base"], 1),
+        "eval_peak_growth_mb": None if eval_peak is None else round(eval_peak - eval_base, 1),
         "memory_measure": probe.kind,
         "threads": torch.get_num_threads(),
     }
-    return row
 
 
 # ----------------------------------------------------------------------------------------------
@@ -681,7 +698,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
              for b in args.backbones for s in args.sizes for m in resolve_methods(args.methods)]
     env_before = environment(torch.device(args.device), args.threads)
     rows = run_specs(specs, args.isolate, args.repeats)
-    env = {**env_before, "loadavg_after": [round(x, 2) for x in os.getloadavg()], "command": "cost " + " ".join(argv or sys.argv[1:])}
+    env = {**env_before, "loadavg_after": [round(x, 2) for x in os.getloadavg()], "command": "cost " + " ".join(argv if argv is not None else sys.argv[1:])}
     payload = merge_results(out, rows, env, KEY_FIELDS)
     write_text_atomic(out.with_suffix(".md"), cost_markdown(payload))
     print(f"wrote {out} and {out.with_suffix('.md')}")

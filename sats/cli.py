@@ -9,6 +9,7 @@
     sats report RUN_DIR [RUN_DIR ...] [-o OUT]
     sats visualize RUN_DIR [--images N] [--step S] [--start K | --ids A,B] [-o OUT.png]
     sats visualize RUN_DIR --tsne [--step S] [--per-class M] [--max-images N] [-o OUT.png]
+    sats bench cost|scaling|accuracy|confusion|models|attention|all [options]   (source checkout)
 """
 
 from __future__ import annotations
@@ -161,6 +162,20 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    """Forward to ``python -m benchmarks`` of the source checkout this package lives in."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "__main__.py").is_file():
+        print(f"sats: error: `sats bench` runs the benchmarks/ folder of a source checkout, and there is none at "
+              f"{root / 'benchmarks'}; clone the sats repository and run it from there", file=sys.stderr)
+        return 2
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from benchmarks.__main__ import main as bench_main
+
+    return bench_main([*args.bench_args, *extra])
+
+
 def cmd_visualize(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from sats.engine.checkpoint import CheckpointError
 
@@ -250,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     v.add_argument("-o", "--output", default=None, help="PNG path (default RUN_DIR/figures/...)")
     v.set_defaults(func=cmd_visualize)
+
+    bn = sub.add_parser("bench", help="benchmarks: method cost, scaling, accuracy (source checkout; "
+                                      "`sats bench --help` lists them)", add_help=False)
+    bn.add_argument("bench_args", nargs=argparse.REMAINDER, help="COMMAND [options] of python -m benchmarks")
+    bn.set_defaults(func=cmd_bench)
     return p
 
 
@@ -260,7 +280,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     _setup_logging(args.verbose)
-    if extra and args.command not in ("train", "demo", "data"):
+    if extra and args.command not in ("train", "demo", "data", "bench"):
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
     try:
         return args.func(args, extra)

@@ -21,7 +21,7 @@ from sats.report.tables import summary_markdown
 
 log = logging.getLogger("sats")
 
-DEMO_METHODS = ("joint", "ft")
+DEMO_METHODS = ("joint", "ft", "mib", "plop", "sats")  # more with --methods (`sats list methods`)
 QUICK_OVERRIDES = ["train.epochs=1", "train.epochs_incremental=1", "data.synthetic.num_train=64",
                    "data.synthetic.num_val=24", "data.root=data/synthetic-quick"]
 

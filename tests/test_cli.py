@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from sats.cli import main, parse_steps
 from conftest import CONFIGS, tiny_overrides
@@ -56,3 +57,17 @@ def test_data_check_reports_every_bad_file(tmp_path, capsys):
     assert main(["data", "check", "--dataset", "voc", "--root", str(root)]) == 1
     out = capsys.readouterr().out
     assert "im1.png" in out and "im2.jpg" in out and "train: 3 images, 2 bad" in out
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_every_default_method(tmp_path, monkeypatch, capsys):
+    from sats.demo import DEMO_METHODS
+
+    monkeypatch.chdir(tmp_path)  # the demo's data and caches are relative to the working directory
+    assert main(["demo", "--quick", "--output", "out", "train.threads=1", "log.progress=false"]) == 0
+    out = capsys.readouterr().out
+    for method in DEMO_METHODS:
+        assert f"| demo-{method} | {method} |" in out
+    summary = json.loads((tmp_path / "out/summary.json").read_text())
+    assert set(summary["methods"]) == set(DEMO_METHODS)
+    assert (tmp_path / "out/miou_per_step.png").stat().st_size > 1000

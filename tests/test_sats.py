@@ -30,7 +30,10 @@ class _Ctx:
     """The few StepContext fields SATS reads in ``loss``."""
 
     def __init__(self, step, num_old, num_outputs):
+        from types import SimpleNamespace
+
         self.step, self.num_old, self.num_outputs = step, num_old, num_outputs
+        self.cfg = SimpleNamespace(memory=SimpleNamespace(reference_labels=False))
 
 
 def _models(num_old=3, num_new=2):

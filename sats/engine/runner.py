@@ -33,11 +33,11 @@ from sats.data.tasks import Task
 from sats.engine import results as results_io
 from sats.engine.checkpoint import CheckpointError, file_digest, load_checkpoint, save_checkpoint
 from sats.engine.data import ExperimentData, first_batch_images
-from sats.engine.distributed import (DistInfo, all_reduce_sum_, barrier, init_distributed, seed_everything,
+from sats.engine.distributed import (DistInfo, all_reduce_mean_, all_reduce_sum_, barrier, init_distributed, seed_everything,
                                      set_deterministic, unwrap)
 from sats.engine.evaluator import ConfusionMatrix, Metrics
 from sats.engine.optim import (amp_dtype, autocast_factory, build_grad_scaler, build_optimizer, build_scheduler)
-from sats.engine.signals import RunInterrupted, StopRequest, StoppableFetch, gather_rng, restore_rng
+from sats.engine.signals import RunInterrupted, StopRequest, StoppableFetch, capture_rng, gather_per_rank, restore_rng
 from sats.methods.base import Method, StepContext, build_method
 from sats.models.segmenter import Segmenter, build_segmenter, frozen_copy
 
@@ -144,7 +144,8 @@ class Runner:
             if t in rows and self._step_checkpoint(t).exists():
                 log.info("step %d already finished (mIoU %.2f); skipping", t, rows[t]["miou"] * 100)
                 continue
-            rows[t] = self.run_step(t)
+            recovered = self._recover_row(t) if t not in rows else None
+            rows[t] = recovered if recovered is not None else self.run_step(t)
             if self.dist.is_main:
                 results_io.write(self.run_dir, self._header(), rows)
             barrier()
@@ -155,6 +156,18 @@ class Runner:
         if self._writer is not None:
             self._writer.flush()
         return [rows[k] for k in sorted(rows)]
+
+    def _recover_row(self, t: int) -> Optional[Dict[str, Any]]:
+        """The results row stored in a finished step's checkpoint (a run stopped before writing results.json)."""
+        path = self._step_checkpoint(t)
+        if not path.exists():
+            return None
+        ckpt = load_checkpoint(path)
+        self._check_checkpoint_matches(ckpt, t, path)
+        if "row" not in ckpt:
+            return None
+        log.info("step %d finished before the run stopped; its results row is taken from %s", t, path)
+        return ckpt["row"]
 
     def _header(self) -> Dict[str, Any]:
         return {"name": self.cfg.name, "method": self.method.name, "method_params": self.cfg.method,
@@ -310,9 +323,9 @@ class Runner:
 
         def stop_mid_epoch(epoch: int, batches_done: int, sums: Dict[str, Tensor]) -> None:
             """Write the state after ``batches_done`` batches of ``epoch`` (every rank calls this), then stop."""
-            rng = gather_rng()
+            per_rank = gather_per_rank({"rng": capture_rng(), "loss_sums": {k: v.detach().cpu() for k, v in sums.items()}})
             save_resume(epoch - 1, {"batches_done": batches_done, "world_size": self.dist.world_size,
-                                    "loss_sums": {k: v.detach().cpu() for k, v in sums.items()}, "rng": rng})
+                                    "per_rank": per_rank})
             barrier()
             raise RunInterrupted(f"interrupted by {self.stop.name} at step {t} epoch {epoch + 1} (after iteration "
                                  f"{batches_done}/{per_epoch}); run the same command again to resume from {resume}",
@@ -331,8 +344,8 @@ class Runner:
             sums: Dict[str, Tensor] = {}
             replay = 0  # batches of this epoch trained before a mid-epoch stop: fetched again, not trained
             if partial is not None:
-                replay, rng_states = partial["batches_done"], partial["rng"]
-                sums = {k: v.to(self.device) for k, v in partial["loss_sums"].items()}
+                replay, mine = partial["batches_done"], partial["per_rank"][self.dist.rank]
+                sums = {k: v.to(self.device) for k, v in mine["loss_sums"].items()}
                 partial = None
             tic = time.perf_counter()
             bar = _progress(loader, self.cfg.log.progress and self.dist.is_main, f"step {t} epoch {epoch + 1}/{epochs}")
@@ -341,7 +354,7 @@ class Runner:
             for i, cpu_batch in enumerate(fetch):
                 if i < replay:  # the data pipeline's random streams advance exactly as in the stopped run
                     if i + 1 == replay:
-                        restore_rng(rng_states[self.dist.rank])
+                        restore_rng(mine["rng"])
                     continue
                 batch = cpu_batch.to(self.device)
                 with self.autocast():
@@ -391,6 +404,9 @@ class Runner:
                                      f"data ({fetch.failed}); run the same command again to resume from {kept}",
                                      self.stop.signum or 0)
             counters["train_time_s"] += time.perf_counter() - tic
+            if self.dist.world_size > 1 and sums:  # the epoch's mean over every rank's images
+                names = sorted(sums)
+                sums = dict(zip(names, all_reduce_mean_(torch.stack([sums[k].float() for k in names]))))
             means = {k: float(v) / max(1, per_epoch) for k, v in sums.items()}
             for k, v in means.items():
                 counters["epoch_losses"].setdefault(k, []).append(round(v, 6))
@@ -461,15 +477,6 @@ class Runner:
         eval_time = time.perf_counter() - tic
         counters = outcome.counters
         state = outcome.best_state or model.state_dict()
-        if self.dist.is_main:
-            save_checkpoint({"model": state, "method": self.method.state_dict(), "step": t,
-                             "head_sizes": self.method.model_head_sizes(task, t), "backbone": self.cfg.model.backbone,
-                             "task": {"dataset": task.dataset, "name": task.name, "steps": [list(s) for s in task.steps]},
-                             "config_digest": digest(config_to_dict(self.cfg))}, self._step_checkpoint(t))
-            self._epoch_checkpoint(t).unlink(missing_ok=True)
-        if t + 1 < self.num_steps and self.dist.is_main:  # the next step's memory, from this step's images
-            self.data.step_memory(t + 1, self.run_dir, write=True)
-        barrier()
         groups = self.task.groups(self.task.num_steps - 1) if self.joint else task.groups(t)
         row = results_io.make_row(t, metrics, groups, task, self.data.train_files.class_names)
         row.update({"train_time_s": round(counters["train_time_s"], 3), "eval_time_s": round(eval_time, 3),
@@ -477,6 +484,15 @@ class Runner:
                     "iterations": ctx.iteration, "nonfinite_skipped": counters["nonfinite_skipped"],
                     "epoch_losses": counters["epoch_losses"],
                     "shared_step0": None})
+        if self.dist.is_main:  # the row travels with the weights: a run killed before results.json is written
+            save_checkpoint({"model": state, "method": self.method.state_dict(), "step": t,  # recovers it
+                             "head_sizes": self.method.model_head_sizes(task, t), "backbone": self.cfg.model.backbone,
+                             "task": {"dataset": task.dataset, "name": task.name, "steps": [list(s) for s in task.steps]},
+                             "config_digest": digest(config_to_dict(self.cfg)), "row": row}, self._step_checkpoint(t))
+            self._epoch_checkpoint(t).unlink(missing_ok=True)
+        if t + 1 < self.num_steps and self.dist.is_main:  # the next step's memory, from this step's images
+            self.data.step_memory(t + 1, self.run_dir, write=True)
+        barrier()
         log.info("step %d test: mIoU %.2f | old %s | new %s", t, row["miou"] * 100, _pct(row["old"]), _pct(row["new"]))
         if self.writer is not None:
             for k in ("miou", "old", "new", "all"):
@@ -550,7 +566,7 @@ class Runner:
     def _adopt_shared_step0(self, shared: Path) -> Dict[str, Any]:
         ckpt = load_checkpoint(shared / "step0.ckpt")  # verifies the hash before we adopt it
         self._check_checkpoint_matches(ckpt, 0, shared / "step0.ckpt")
-        if self.dist.is_main:
+        if self.dist.is_main:  # unchanged bytes: caches keyed by its digest stay shared
             save_checkpoint(ckpt, self._step_checkpoint(0))
         barrier()
         row = json.loads((shared / "row.json").read_text())

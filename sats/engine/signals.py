@@ -121,16 +121,19 @@ def restore_rng(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def gather_rng() -> List[Dict[str, Any]]:
-    """Every rank's :func:`capture_rng` (a collective under DDP: all ranks must call it), indexed by rank."""
-    mine = capture_rng()
+def gather_per_rank(obj: Any) -> List[Any]:
+    """Every rank's ``obj``, indexed by rank (a collective under DDP: all ranks must call it).
+
+    Used for the per-rank part of a mid-epoch checkpoint (RNG states, loss sums); tensors in
+    ``obj`` should be on the CPU (CUDA generator states from :func:`capture_rng` are).
+    """
     if not is_distributed():
-        return [mine]
+        return [obj]
     import torch.distributed as dist
 
-    states: List[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(states, mine)  # every state is a CPU tensor (CUDA generator states included)
-    return states
+    gathered: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 class StoppableFetch:

@@ -239,17 +239,21 @@ class EntropyThresholds:
                                          ctx.device)
 
     # -- per iteration -------------------------------------------------------------------------
-    def pseudo_labels(self, labels: Tensor, old_logits: Tensor, num_outputs: int) -> Tuple[Tensor, Tensor]:
+    def pseudo_labels(self, labels: Tensor, old_logits: Tensor, num_outputs: int,
+                      keep_old_labels: bool = False) -> Tuple[Tensor, Tensor]:
         """Entropy pseudo-labels → ``(ỹ (B, H, W) int64, ν (B, 1, 1) float32)``.
 
         Pixels with a label ``< K_{t−1}`` (0 after the step's table) take the old model's arg-max
         class where its uncertainty is below that class's threshold, else 255; current-class labels
         are kept. ``ν`` is PLOP's adaptive factor (accepted / background pixels per image).
+        ``keep_old_labels``: old-class ground truth (only memory images carry any) is kept instead of
+        being overwritten by pseudo-labels as the reference does (§3.12).
         """
         if self.thresholds is None:
             raise RuntimeError("pseudo_labels called before prepare(): no thresholds for this step")
         uncertainty = pixel_uncertainty(old_logits, num_outputs, self.settings.mode)
-        return entropy_pseudo_labels(labels, old_logits, self.thresholds, uncertainty, old_logits.shape[1])
+        return entropy_pseudo_labels(labels, old_logits, self.thresholds, uncertainty, old_logits.shape[1],
+                                     keep_old_labels=keep_old_labels)
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:

@@ -79,7 +79,8 @@ class PLOP(Method):
         if ctx.step == 0:
             return {"ce": cross_entropy(out.logits, batch.labels, reduction=p.reduction)}
         old_logits = require_old_logits(old_out, self.name)
-        labels, adaptive = self.pseudo.pseudo_labels(batch.labels, old_logits, ctx.num_outputs)
+        labels, adaptive = self.pseudo.pseudo_labels(batch.labels, old_logits, ctx.num_outputs,
+                                         keep_old_labels=not ctx.cfg.memory.reference_labels)
         ce = cross_entropy(out.logits, labels, pixel_weight=adaptive if p.adaptive_factor else None,
                            reduction=p.reduction)
         old_maps, new_maps = pod_maps(old_out), pod_maps(out)

@@ -95,7 +95,8 @@ class SATS(Method):
         if ctx.step == 0:
             return {"ce": cross_entropy(out.logits, batch.labels, reduction=p.reduction)}
         old_logits = require_old_logits(old_out, self.name)
-        pseudo, nu = self.thresholds.pseudo_labels(batch.labels, old_logits, ctx.num_outputs)
+        pseudo, nu = self.thresholds.pseudo_labels(batch.labels, old_logits, ctx.num_outputs,
+                                             keep_old_labels=not ctx.cfg.memory.reference_labels)
         return {
             "ce": cross_entropy(out.logits, pseudo, pixel_weight=nu if p.adaptive_factor else None,
                                 reduction=p.reduction),
