@@ -192,7 +192,8 @@ class ExperimentData:
         task = get_task(task_dataset_name(d), d.task, d.order)
         train_files, val_files = resolve_files(d, "train"), resolve_files(d, "val")
         cache = Path(d.cache_dir)
-        bad = _check_files(d, train_files, val_files) if d.check else {"train": set(), "val": set()}
+        progress = cfg.log.progress and dist.is_main
+        bad = _check_files(d, train_files, val_files, progress) if d.check else {"train": set(), "val": set()}
         if d.reference_splits:  # index files refer to the full lists
             splits = import_reference_splits(Path(d.reference_splits), train_files, val_files, task)
             splits = [StepSplit(train=_without(s.train, bad["train"]), val=_without(s.val, bad["val"]),
@@ -201,10 +202,11 @@ class ExperimentData:
             keep_train = np.setdiff1d(np.arange(len(train_files)), np.fromiter(bad["train"], np.int64, len(bad["train"])))
             keep_val = np.setdiff1d(np.arange(len(val_files)), np.fromiter(bad["val"], np.int64, len(bad["val"])))
             sub = compute_splits(_subset(train_files, keep_train), _subset(val_files, keep_val), task,
-                                 overlap=d.overlap, cache_dir=cache / "splits")
+                                 overlap=d.overlap, cache_dir=cache / "splits", progress=progress)
             splits = [StepSplit(train=keep_train[s.train], val=keep_val[s.val], test=keep_val[s.test]) for s in sub]
         else:
-            splits = compute_splits(train_files, val_files, task, overlap=d.overlap, cache_dir=cache / "splits")
+            splits = compute_splits(train_files, val_files, task, overlap=d.overlap, cache_dir=cache / "splits",
+                                    progress=progress)
         return cls(cfg, task, train_files, val_files, splits, skipped={k: len(v) for k, v in bad.items() if v})
 
     # -- per step ---------------------------------------------------------------------------------
@@ -332,10 +334,11 @@ class ExperimentData:
                           pin_memory=dist.device.type == "cuda")
 
 
-def _check_files(d: DataConfig, train_files: SegmentationFiles, val_files: SegmentationFiles) -> Dict[str, set]:
+def _check_files(d: DataConfig, train_files: SegmentationFiles, val_files: SegmentationFiles,
+                 progress: bool = True) -> Dict[str, set]:
     """Decode every image and mask of both lists; raise listing every problem, or (``data.on_error=skip``)
     return the bad positions per list ("train", "val"), which the run then leaves out."""
-    problems = {kind: check_dataset(files, workers=d.scan_workers)
+    problems = {kind: check_dataset(files, workers=d.scan_workers, progress=progress)
                 for kind, files in (("train", train_files), ("val", val_files))}
     if d.on_error == "raise" and any(problems.values()):
         report = "\n".join(f"{kind} list of {files.root}: {format_problems(problems[kind], limit=200)}"
