@@ -309,7 +309,7 @@ def profile_table(fn: Callable[[], Any], n: int, device: torch.device, title: st
         for _ in range(n):
             fn()
         sync(device)
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return f"## {title} ({n} iterations)\n\n" + prof.key_averages().table(sort_by=sort, row_limit=30) + "\n"
 
 

@@ -199,8 +199,8 @@ class ExperimentData:
             splits = [StepSplit(train=_without(s.train, bad["train"]), val=_without(s.val, bad["val"]),
                                 test=_without(s.test, bad["val"])) for s in splits]
         elif bad["train"] or bad["val"]:  # the splits of the lists without the bad entries, in full-list positions
-            keep_train = np.setdiff1d(np.arange(len(train_files)), np.fromiter(bad["train"], np.int64, len(bad["train"])))
-            keep_val = np.setdiff1d(np.arange(len(val_files)), np.fromiter(bad["val"], np.int64, len(bad["val"])))
+            keep_train = np.setdiff1d(np.arange(len(train_files)), sorted(bad["train"]))
+            keep_val = np.setdiff1d(np.arange(len(val_files)), sorted(bad["val"]))
             sub = compute_splits(_subset(train_files, keep_train), _subset(val_files, keep_val), task,
                                  overlap=d.overlap, cache_dir=cache / "splits", progress=progress)
             splits = [StepSplit(train=keep_train[s.train], val=keep_val[s.val], test=keep_val[s.test]) for s in sub]

@@ -33,8 +33,8 @@ from sats.data.tasks import Task
 from sats.engine import results as results_io
 from sats.engine.checkpoint import CheckpointError, file_digest, load_checkpoint, save_checkpoint
 from sats.engine.data import ExperimentData, first_batch_images
-from sats.engine.distributed import (DistInfo, all_reduce_mean_, all_reduce_sum_, barrier, init_distributed, seed_everything,
-                                     set_deterministic, unwrap)
+from sats.engine.distributed import (DistInfo, all_reduce_mean_, all_reduce_sum_, barrier, init_distributed,
+                                     seed_everything, set_deterministic, unwrap)
 from sats.engine.evaluator import ConfusionMatrix, Metrics
 from sats.engine.optim import (amp_dtype, autocast_factory, build_grad_scaler, build_optimizer, build_scheduler)
 from sats.engine.signals import RunInterrupted, StopRequest, StoppableFetch, capture_rng, gather_per_rank, restore_rng
@@ -323,7 +323,8 @@ class Runner:
 
         def stop_mid_epoch(epoch: int, batches_done: int, sums: Dict[str, Tensor]) -> None:
             """Write the state after ``batches_done`` batches of ``epoch`` (every rank calls this), then stop."""
-            per_rank = gather_per_rank({"rng": capture_rng(), "loss_sums": {k: v.detach().cpu() for k, v in sums.items()}})
+            mine = {"rng": capture_rng(), "loss_sums": {k: v.detach().cpu() for k, v in sums.items()}}
+            per_rank = gather_per_rank(mine)
             save_resume(epoch - 1, {"batches_done": batches_done, "world_size": self.dist.world_size,
                                     "per_rank": per_rank})
             barrier()
@@ -342,10 +343,10 @@ class Runner:
             loader.set_epoch_seed(step_seed(cfg.seed, t, epoch))
             model.train()
             sums: Dict[str, Tensor] = {}
-            replay = 0  # batches of this epoch trained before a mid-epoch stop: fetched again, not trained
+            replay, resumed = 0, {}  # batches trained before a mid-epoch stop (fetched again, not trained)
             if partial is not None:
-                replay, mine = partial["batches_done"], partial["per_rank"][self.dist.rank]
-                sums = {k: v.to(self.device) for k, v in mine["loss_sums"].items()}
+                replay, resumed = partial["batches_done"], partial["per_rank"][self.dist.rank]
+                sums = {k: v.to(self.device) for k, v in resumed["loss_sums"].items()}
                 partial = None
             tic = time.perf_counter()
             bar = _progress(loader, self.cfg.log.progress and self.dist.is_main, f"step {t} epoch {epoch + 1}/{epochs}")
@@ -354,7 +355,7 @@ class Runner:
             for i, cpu_batch in enumerate(fetch):
                 if i < replay:  # the data pipeline's random streams advance exactly as in the stopped run
                     if i + 1 == replay:
-                        restore_rng(mine["rng"])
+                        restore_rng(resumed["rng"])
                     continue
                 batch = cpu_batch.to(self.device)
                 with self.autocast():
@@ -376,7 +377,7 @@ class Runner:
                     optimizer.zero_grad(set_to_none=True)
                     if scaler.is_enabled():
                         scaler.update()  # closes this iteration's unscale_ (fp16)
-                    if stop_now or self._stop_alone():
+                    if stop_now or self._single_process_stop():
                         stop_mid_epoch(epoch, i + 1, sums)
                     continue
                 self.method.after_backward(ctx)
@@ -394,7 +395,7 @@ class Runner:
                         self.writer.add_scalar(f"step{t}/loss/{k}", float(v.detach()), ctx.iteration)
                     self.writer.add_scalar(f"step{t}/lr", scheduler.get_last_lr()[0], ctx.iteration)
                 counters["images"] += len(batch.images) * self.dist.world_size
-                if stop_now or self._stop_alone():
+                if stop_now or self._single_process_stop():
                     stop_mid_epoch(epoch, i + 1, sums)
             if fetch.failed is not None:  # data-loader workers got the signal too: stop after the last good batch
                 if i + 1 > replay and self.dist.world_size == 1:
@@ -440,13 +441,13 @@ class Runner:
         flags = torch.stack([bad_loss, bad_grad]).float()
         if self.dist.world_size == 1:
             loss_flag, grad_flag = flags.tolist()
-            return loss_flag > 0, grad_flag > 0, False  # single process: _stop_alone() at the iteration's end
+            return loss_flag > 0, grad_flag > 0, False  # single process: _single_process_stop() at its end
         flags = all_reduce_sum_(torch.cat([flags, flags.new_tensor([1.0 if self.stop.requested else 0.0])]))
         loss_flag, grad_flag, stop_flag = flags.tolist()
         return loss_flag > 0, grad_flag > 0, stop_flag > 0
 
-    def _stop_alone(self) -> bool:
-        """A stop request of a single-process run (read at the end of an iteration; DDP agrees in the flags)."""
+    def _single_process_stop(self) -> bool:
+        """A stop request of a single-process run, read at the end of an iteration (DDP: in the agreed flags)."""
         return self.dist.world_size == 1 and self.stop.requested
 
     def _nonfinite(self, where: str, terms: Dict[str, Tensor], model: torch.nn.Module, bad_loss: bool,
@@ -456,7 +457,7 @@ class Runner:
         if bad_loss:
             bad_terms = [k for k, v in terms.items() if not torch.isfinite(v)]
             what = f"non-finite loss at {where}, term(s) {bad_terms}{'' if bad_terms else ' (on another rank)'}"
-            error: type = NonFiniteLossError
+            error: type[NonFiniteLossError] = NonFiniteLossError
         else:
             names = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
             what = (f"non-finite gradient at {where} (every loss term finite), in {len(names)} parameter(s) "

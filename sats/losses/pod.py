@@ -43,22 +43,44 @@ def pod_embedding(x: Tensor, scales: Sequence[int] = DEFAULT_SCALES) -> Tensor:
     ``D = Σ_s s² · C · (⌊H/s⌋ + ⌊W/s⌋)``. Layout, as the reference's loops produce it: for each
     scale, for each region row ``i`` then region column ``j``: ``[width-means (C, ⌊H/s⌋) flattened,
     height-means (C, ⌊W/s⌋) flattened]``. ``x`` is squared element-wise first.
+
+    When the finest scale ``f`` divides ``H`` and ``W`` and every scale divides ``f`` (the usual
+    {1, 2, 4} on maps of even size), the full map is reduced only twice — row means within ``f``
+    column bands ``(B, C, H, f)`` and column means within ``f`` row bands ``(B, C, f, W)`` — and
+    every coarser scale averages neighbouring bands of those (equal-size regions: the same means,
+    up to float rounding). That is 2 instead of ``2 × len(scales)`` full-size reductions, and as
+    many full-size gradients in the backward pass.
     """
     if x.dim() != 4:
         raise ValueError(f"pod_embedding: expected a (B, C, H, W) map, got {tuple(x.shape)}")
     batch, channels, height, width = x.shape
+    for scale in scales:
+        if scale < 1 or height // scale == 0 or width // scale == 0:
+            raise ValueError(f"pod_embedding: scale {scale} does not fit a {height}x{width} map")
     squared = x.float().pow(2)
+    finest = max(scales)
+    nested = height % finest == 0 and width % finest == 0 and all(finest % s == 0 for s in scales)
+    if nested:
+        row_bands = squared.reshape(batch, channels, height, finest, width // finest).mean(dim=4)  # (B, C, H, f)
+        col_bands = squared.reshape(batch, channels, finest, height // finest, width).mean(dim=3)  # (B, C, f, W)
     parts = []
     for scale in scales:  # a loop over the (3) scales only; regions are pooled in one reshape
         region_h, region_w = height // scale, width // scale
-        if scale < 1 or region_h == 0 or region_w == 0:
-            raise ValueError(f"pod_embedding: scale {scale} does not fit a {height}x{width} map")
-        grid = squared[:, :, : scale * region_h, : scale * region_w]
-        grid = grid.reshape(batch, channels, scale, region_h, scale, region_w)
-        # mean over the width of each region: (B, C, s_i, kh, s_j) -> (B, s_i, s_j, C·kh)
-        width_means = grid.mean(dim=5).permute(0, 2, 4, 1, 3).reshape(batch, scale, scale, channels * region_h)
-        # mean over the height of each region: (B, C, s_i, s_j, kw) -> (B, s_i, s_j, C·kw)
-        height_means = grid.mean(dim=3).permute(0, 2, 3, 1, 4).reshape(batch, scale, scale, channels * region_w)
+        if nested:
+            group = finest // scale
+            # (B, C, H, s) → (B, C, s_i, kh, s_j);  (B, C, s, W) → (B, C, s_i, s_j, kw)
+            width_means = row_bands.reshape(batch, channels, height, scale, group).mean(dim=4)
+            width_means = width_means.reshape(batch, channels, scale, region_h, scale)
+            height_means = col_bands.reshape(batch, channels, scale, group, width).mean(dim=3)
+            height_means = height_means.reshape(batch, channels, scale, scale, region_w)
+        else:
+            grid = squared[:, :, : scale * region_h, : scale * region_w]
+            grid = grid.reshape(batch, channels, scale, region_h, scale, region_w)
+            width_means = grid.mean(dim=5)  # (B, C, s_i, kh, s_j)
+            height_means = grid.mean(dim=3)  # (B, C, s_i, s_j, kw)
+        # (B, C, s_i, kh, s_j) -> (B, s_i, s_j, C·kh);  (B, C, s_i, s_j, kw) -> (B, s_i, s_j, C·kw)
+        width_means = width_means.permute(0, 2, 4, 1, 3).reshape(batch, scale, scale, channels * region_h)
+        height_means = height_means.permute(0, 2, 3, 1, 4).reshape(batch, scale, scale, channels * region_w)
         parts.append(torch.cat([width_means, height_means], dim=3).reshape(batch, -1))
     return torch.cat(parts, dim=1)
 
