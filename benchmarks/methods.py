@@ -555,7 +555,7 @@ def combine(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def run_specs(specs: Sequence[Spec], isolate: bool, repeats: int, log: Callable[[str], None] = print) -> list[dict]:
+def run_specs(specs: Sequence[Spec], isolate: bool, repeats: int, log: Callable[..., None] = print) -> list[dict]:
     """Measure every spec ``repeats`` times, round-robin (drift of the machine's load spreads over all)."""
     per_spec: dict[tuple, list[dict]] = {spec.key: [] for spec in specs}
     for r in range(repeats):
@@ -565,7 +565,7 @@ def run_specs(specs: Sequence[Spec], isolate: bool, repeats: int, log: Callable[
             log(f"[{r + 1}/{repeats}] {spec.backbone} {spec.size}px b{spec.batch} {spec.dataset} {spec.task} "
                 f"t={row['step']} {spec.method:7s} train {row['train_ms']:9.1f} ms  bound {row['bound_ms']:9.1f} ms "
                 f"(FT {row['ft_ms']:.1f} + old {row['old_forward_ms']:.1f})  ratio {row['ratio']:.3f} "
-                f"(cpu {row['ratio_cpu']:.3f})  peak {row['train_peak_mb']} MiB  eval {row['eval_images_per_s']:.2f} img/s")
+                f"(cpu {row['ratio_cpu']:.3f})  peak {row['train_peak_mb']} MiB  eval {row['eval_images_per_s']:.2f} img/s", flush=True)
     return [combine(per_spec[spec.key]) for spec in specs]
 
 

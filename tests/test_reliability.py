@@ -308,7 +308,15 @@ def test_disk_full_names_the_path_and_keeps_previous_files(tiny_run, monkeypatch
 
 
 # ------------------------------------------------------------------------------------ SIGINT / SIGTERM
-def test_stop_request_first_signal_sets_a_flag_second_stops_at_once():
+@pytest.fixture
+def python_sigint_handler():
+    """Python's own SIGINT handler for the test, whatever the launching shell left (CI may ignore SIGINT)."""
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, inherited)
+
+
+def test_stop_request_first_signal_sets_a_flag_second_stops_at_once(python_sigint_handler):
     previous = signal.getsignal(signal.SIGINT)
     with StopRequest() as stop:
         assert not stop.requested
@@ -320,6 +328,21 @@ def test_stop_request_first_signal_sets_a_flag_second_stops_at_once():
             time.sleep(0.5)
     assert signal.getsignal(signal.SIGINT) is previous and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     assert RunInterrupted("x", signal.SIGTERM).exit_code == 143
+
+
+def test_second_sigint_raises_keyboard_interrupt_when_sigint_was_ignored():
+    inherited = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a background job
+    try:
+        with StopRequest() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+            assert stop.requested
+            with pytest.raises(KeyboardInterrupt):  # not a process killed by its own signal
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.5)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_failed_fetch_after_a_stop_request_ends_the_epoch_quietly():

@@ -84,6 +84,8 @@ class StopRequest:
         os.write(2, f"\nsats: second {name}: stopping at once (the last checkpoint is kept)\n".encode())
         if callable(previous):  # e.g. Python's default SIGINT handler: KeyboardInterrupt
             previous(signum, frame)
+        elif signum == signal.SIGINT:  # SIGINT was ignored or default where we started (e.g. a background job)
+            raise KeyboardInterrupt
         else:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
