@@ -44,42 +44,6 @@ class _Random:
     def __init__(self, rng: Rng) -> None:
         self.rng = rng
 
-    def random(self) -> float:
-        if isinstance(self.rng, torch.Generator):
-            return float(torch.rand((), generator=self.rng))
-        return random.random() if self.rng is None else self.rng.random()
-
-    def uniform(self, low: float, high: float) -> float:
-        return low + (high - low) * self.random()
-
-    def randint(self, low: int, high: int) -> int:
-        """Uniform integer in [low, high] (both inclusive)."""
-        if isinstance(self.rng, torch.Generator):
-            return int(torch.randint(low, high + 1, (), generator=self.rng))
-        return random.randint(low, high) if self.rng is None else self.rng.randint(low, high)
-
-
-_STD = (0.229, 0.224, 0.225)
-
-Size = int | tuple[int, int]
-Rng = random.Random | torch.Generator | None
-EvalMode = Literal["center_crop", "full", "resize"]
-
-
-def _pair(size: Size) -> tuple[int, int]:
-    """(height, width) from an int or a pair."""
-    height, width = (size, size) if isinstance(size, int) else size
-    if height < 1 or width < 1:
-        raise ValueError(f"size must be positive, got {size}")
-    return int(height), int(width)
-
-
-class _Random:
-    """uniform / randint / random over Python's global RNG, a Random, or a torch.Generator."""
-
-    def __init__(self, rng: Rng) -> None:
-        self.rng = rng
-
     def _python_rng(self) -> random.Random:
         return self.rng if isinstance(self.rng, random.Random) else random._inst  # type: ignore[attr-defined]
 
