@@ -61,18 +61,22 @@ def test_synthetic_batch_labels_are_the_steps_channels():
     assert (labels[1, 4:16, 4:16] == 18).all() and (labels[1, 16:28, 10:26] == 19).all()
 
 
-def _row(method: str, dataset: str, task: str, step: int, k: int, heads: int, ms: float) -> dict:
-    return {"backbone": "b", "size": 64, "batch": 2, "amp": "off", "method": method, "dataset": dataset, "task": task,
-            "step": step, "num_outputs": k, "head_sizes": [1] * heads, "train_ms": ms, "ft_ms": ms, "ratio": 1.0,
-            "train_peak_mb": 1.0, "train_peak_growth_mb": 1.0}
+def _row(method: str, task: str, step: int, head_sizes: list, ms: float, ratio: float) -> dict:
+    return {"backbone": "b", "size": 64, "batch": 2, "amp": "off", "method": method, "dataset": "ade", "task": task,
+            "step": step, "num_outputs": sum(head_sizes), "head_sizes": head_sizes, "train_ms": ms, "ft_ms": ms,
+            "ratio": ratio, "train_peak_mb": 1.0, "train_peak_growth_mb": 1.0}
 
 
-def test_heads_check_flags_growth_with_the_step_index():
-    rows = [_row("ft", "ade", "100-50", 1, 151, 2, 100.0), _row("ft", "ade", "100-5", 10, 151, 11, 105.0),
-            _row("sats", "ade", "100-50", 1, 151, 2, 100.0), _row("sats", "ade", "100-5", 10, 151, 11, 120.0)]
+def test_step_index_check_pairs_equal_old_and_total_channels():
+    eleven = [101] + [5] * 10  # ade 100-5 step 10: K_t = 151, K_{t-1} = 146
+    rows = [_row("ft", "145-5", 1, [146, 5], 100.0, 1.00), _row("ft", "100-5", 10, eleven, 90.0, 1.05),
+            _row("sats", "145-5", 1, [146, 5], 100.0, 1.10), _row("sats", "100-5", 10, eleven, 95.0, 1.25),
+            _row("sats", "100-50", 1, [101, 50], 100.0, 3.00)]  # K_{t-1} = 101: not paired with the others
     text = heads_markdown(rows)
-    assert "| ft | 151 | 2 → 11 | 100.0 → 105.0 | +5.0% |" in text and "+5.0% | 1.00 → 1.00 | +0.00 | ok |" in text
-    assert "| sats | 151 | 2 → 11 | 100.0 → 120.0 | +20.0% |" in text and "**grows**" in text
+    check = text[text.index("Step index"):]
+    assert "| ft | 151 | 146 | 2 → 11 | 100.0 → 90.0 | 1.00 → 1.05 | +0.05 | ok |" in check
+    assert "| sats | 151 | 146 | 2 → 11 | 100.0 → 95.0 | 1.10 → 1.25 | +0.15 | **grows** |" in check
+    assert "| sats | 151 | 101 |" not in check and "3.00" not in check
 
 
 def test_accuracy_summary_over_seeds():

@@ -17,11 +17,12 @@ Label values other than ``255`` must lie in ``[0, K)``; nothing here checks it p
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Literal, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "IGNORE_INDEX",
@@ -86,6 +87,42 @@ def cross_entropy(
     return reduce_pixel_loss(loss_map, labels != IGNORE_INDEX, reduction)
 
 
+class _UnbiasedCEMap(torch.autograd.Function):
+    """The per-pixel UNCE map ``(B, H, W)`` with its analytic gradient.
+
+    With ``p = softmax(z)``: on a background pixel (label ``< K_{t−1}``) ``∂ℓ/∂z_j = p_j − 1[j < K_{t−1}] · p_j / P_old``
+    (``P_old = Σ_{k<K_{t−1}} p_k``); on a new-class pixel ``p − onehot(y)``; 0 on ignored pixels. One
+    log-softmax pass and no autograd through slices, gathers and selections: about a third cheaper
+    than the autograd version, same values and gradients up to float rounding.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, labels: Tensor, num_old: int) -> Tensor:
+        log_p = torch.log_softmax(logits.float(), dim=1)  # (B, K_t, H, W)
+        # log P_old, (B, H, W); ≤ 0 (the clamp removes rounding above 0 when every channel is old)
+        log_old = torch.logsumexp(log_p[:, :num_old], dim=1).clamp_max(0.0)
+        valid = labels != IGNORE_INDEX
+        is_background = labels < num_old  # includes label 0 and old-class labels
+        safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
+        log_label = log_p.gather(1, safe_labels.unsqueeze(1)).squeeze(1)  # (B, H, W)
+        log_prob = torch.where(is_background, log_old, log_label)
+        loss_map = torch.where(valid, -log_prob, torch.zeros_like(log_prob))
+        ctx.save_for_backward(log_p, log_old, safe_labels, valid, is_background)
+        ctx.num_old, ctx.input_dtype = num_old, logits.dtype
+        return loss_map
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_map: Tensor) -> Tuple[Tensor, None, None]:
+        log_p, log_old, safe_labels, valid, is_background = ctx.saved_tensors
+        k = ctx.num_old
+        grad = log_p.exp()  # p, then p − target in place
+        grad[:, :k] -= (log_p[:, :k] - log_old.unsqueeze(1)).exp() * is_background.unsqueeze(1)
+        grad.scatter_add_(1, safe_labels.unsqueeze(1), -(valid & ~is_background).unsqueeze(1).to(grad.dtype))
+        grad *= torch.where(valid, grad_map.float(), torch.zeros_like(grad_map, dtype=torch.float32)).unsqueeze(1)
+        return grad.to(ctx.input_dtype), None, None
+
+
 def unbiased_cross_entropy(
     logits: Tensor,
     labels: Tensor,
@@ -105,21 +142,15 @@ def unbiased_cross_entropy(
         logits: ``(B, K_t, H, W)`` new-model logits.
         labels: ``(B, H, W)`` int64, 255 = ignore.
         num_old: ``K_{t−1}``, the number of old channels (``1 ≤ num_old ≤ K_t``).
+
+    The gradient is analytic (:class:`_UnbiasedCEMap`); no second-order gradient.
     """
     _check_logits_labels(logits, labels, "unbiased_cross_entropy")
     num_channels = logits.shape[1]
     if not 1 <= num_old <= num_channels:
         raise ValueError(f"unbiased_cross_entropy: num_old={num_old} is not in [1, K={num_channels}]")
-    z = logits.float()
-    log_normaliser = torch.logsumexp(z, dim=1)  # (B, H, W)
-    log_old = torch.logsumexp(z[:, :num_old], dim=1)  # (B, H, W)
-    valid = labels != IGNORE_INDEX
-    is_background = labels < num_old  # includes label 0 and old-class labels
-    safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
-    z_label = z.gather(1, safe_labels.unsqueeze(1)).squeeze(1)  # (B, H, W)
-    log_prob = torch.where(is_background, log_old, z_label) - log_normaliser
-    loss_map = torch.where(valid, -log_prob, torch.zeros_like(log_prob))
-    return reduce_pixel_loss(loss_map, valid, reduction)
+    loss_map = _UnbiasedCEMap.apply(logits, labels, num_old)
+    return reduce_pixel_loss(loss_map, labels != IGNORE_INDEX, reduction)
 
 
 def multilabel_bce(logits: Tensor, labels: Tensor, reduction: Reduction = "all_pixels") -> Tensor:

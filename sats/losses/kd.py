@@ -12,11 +12,12 @@ pixels; the plain mean without a mask) or ``"none"`` (the ``(B, H, W)`` map).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from sats.losses.ce import Reduction, reduce_pixel_loss
 
@@ -67,6 +68,41 @@ def kd_old_channels(
     return reduce_pixel_loss(_apply_mask(loss_map, mask), mask, reduction)
 
 
+class _UnbiasedKDMap(torch.autograd.Function):
+    """The per-pixel UNKD map ``(B, H, W)`` with its analytic gradient.
+
+    With ``p = softmax(z)``, ``q = softmax(z̄)`` (``Σ_c q_c = 1``) and the target distribution
+    ``t_c = q_c`` on the old channels ``0 < c < K_{t−1}``, ``t_j = q_0 · p_j / p̃(0)`` on the background
+    and new channels, ``∂ℓ/∂z_j = (p_j − t_j) / K_{t−1}``. One log-softmax pass and no autograd
+    through channel slices and concatenations (which zero-fill and accumulate full-size buffers):
+    about half the cost of the autograd version, same values and gradients up to float rounding.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, new_logits: Tensor, old_logits: Tensor, num_old: int) -> Tensor:
+        log_p = torch.log_softmax(new_logits.float(), dim=1)  # (B, K_t, H, W)
+        # log p̃(0) = log Σ_{k ∈ {0} ∪ C^t} p_k, (B, 1, H, W)
+        log_background = torch.logsumexp(torch.cat([log_p[:, :1], log_p[:, num_old:]], dim=1), dim=1, keepdim=True)
+        q = torch.softmax(old_logits.float(), dim=1)  # (B, K_{t−1}, H, W)
+        loss_map = -(q[:, 0] * log_background[:, 0] + (q[:, 1:] * log_p[:, 1:num_old]).sum(dim=1)) / num_old
+        ctx.save_for_backward(log_p, log_background, q)
+        ctx.num_old, ctx.input_dtype = num_old, new_logits.dtype
+        return loss_map
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_map: Tensor) -> Tuple[Tensor, None, None]:
+        log_p, log_background, q = ctx.saved_tensors
+        k = ctx.num_old
+        grad = log_p.exp()  # p, then p − t in place
+        grad[:, 1:k] -= q[:, 1:]
+        background_weight = q[:, :1]  # q_0, (B, 1, H, W)
+        grad[:, :1] -= background_weight * (log_p[:, :1] - log_background).exp()
+        grad[:, k:] -= background_weight * (log_p[:, k:] - log_background).exp()
+        grad *= (grad_map.float() / k).unsqueeze(1)
+        return grad.to(ctx.input_dtype), None, None
+
+
 def unbiased_kd(
     new_logits: Tensor,
     old_logits: Tensor,
@@ -79,17 +115,11 @@ def unbiased_kd(
     The new model's background absorbs the new channels:
     ``log p̃(0) = logsumexp_{k ∈ {0} ∪ C^t} z_k − logsumexp_k z_k``; an old class ``0 < c < K_{t−1}``
     keeps ``log p̃(c) = z_c − logsumexp_k z_k``. Per pixel
-    ``−(1/K_{t−1}) Σ_{c<K_{t−1}} q_c log p̃(c)`` with ``q = softmax(z̄)``.
+    ``−(1/K_{t−1}) Σ_{c<K_{t−1}} q_c log p̃(c)`` with ``q = softmax(z̄)``. The gradient is analytic
+    (:class:`_UnbiasedKDMap`); no second-order gradient.
     """
     num_old = _check_pair(new_logits, old_logits, "unbiased_kd")
-    z = new_logits.float()
-    log_normaliser = torch.logsumexp(z, dim=1, keepdim=True)  # (B, 1, H, W)
-    background_and_new = torch.cat([z[:, :1], z[:, num_old:]], dim=1)
-    log_p_background = torch.logsumexp(background_and_new, dim=1, keepdim=True) - log_normaliser
-    log_p_old = z[:, 1:num_old] - log_normaliser  # (B, K_old − 1, H, W)
-    log_p = torch.cat([log_p_background, log_p_old], dim=1)  # (B, K_old, H, W)
-    q = torch.softmax(old_logits.detach().float(), dim=1)
-    loss_map = -(q * log_p).sum(dim=1) / num_old
+    loss_map = _UnbiasedKDMap.apply(new_logits, old_logits.detach(), num_old)
     return reduce_pixel_loss(_apply_mask(loss_map, mask), mask, reduction)
 
 
