@@ -134,13 +134,16 @@ def _cell(mean: Optional[float], std: Optional[float], seeds: int) -> str:
 
 def accuracy_markdown(payload: dict[str, Any]) -> str:
     """Per task: old / new / all after the last step and averaged over steps (percent, mean ± std)."""
-    env = payload.get("env", {})
     lines = ["# Continual accuracy on the synthetic data", "",
              "Demo configurations (tiny SegFormer from scratch, `configs/demo/`), overlapped protocol. mIoU (%): "
              "old = step-0 classes (background included), new = classes added later, all = every class; "
-             "\"avg\" = mean over the steps. Joint = upper bound, FT = lower bound.", "",
-             f"{env.get('device_name', '?')}, torch {env.get('torch', '?')}, {env.get('date', '?')}; "
-             f"`{env.get('command', '')}`", ""]
+             "\"avg\" = mean over the steps. Joint = upper bound, FT = lower bound. Time: training + test "
+             "seconds recorded in the runs (a shared step 0 counts for the run that trained it).", "",
+             "Runs merged into these tables:", ""]
+    lines += [f"- {env.get('device_name', '?')}, torch {env.get('torch', '?')}, {env.get('date', '?')}"
+              f"{' (quick schedule)' if env.get('quick') else ''}: `{env.get('command', '')}`"
+              for env in payload.get("runs", [])]
+    lines.append("")
     for task, block in payload["tasks"].items():
         summary = block["summary"]
         seeds = sorted(block["per_seed"], key=int)
@@ -231,7 +234,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     env = environment(torch.device("cpu"), torch.get_num_threads())
     env["command"] = "accuracy " + " ".join(argv if argv is not None else sys.argv[1:])
     env["quick"] = args.quick
-    payload = {"env": env, "overrides": overrides, "tasks": tasks}
+    env["overrides"] = overrides
+    runs = previous.get("runs") or ([previous["env"]] if "env" in previous else [])
+    payload = {"runs": runs + [env], "tasks": tasks}
     write_json_atomic(out, payload)
     write_text_atomic(out.with_suffix(".md"), accuracy_markdown(payload))
     figures = [plot_final_bars(payload, out.with_suffix(".png"))]
