@@ -9,6 +9,7 @@ Commands:
 * ``confusion``: the confusion-matrix update vs the reference's NumPy bincount — :mod:`benchmarks.confusion`;
 * ``models``: segmenter forward / forward+backward cost — :mod:`benchmarks.models`;
 * ``attention``: the SATS attention loss, vectorised vs a per-class loop — :mod:`benchmarks.attention_loss`;
+* ``sdpa``: MiT's attention core, fused SDPA vs the explicit softmax path — :mod:`benchmarks.sdpa`;
 * ``all``: cost, scaling, confusion and accuracy with their defaults (long on a CPU).
 
 ``python -m benchmarks COMMAND --help`` lists a command's options. Results go to ``benchmarks/results/``.
@@ -23,7 +24,7 @@ from typing import Any, Optional
 
 
 MODULES = {"cost": "methods", "scaling": "scaling", "accuracy": "accuracy", "confusion": "confusion",
-           "models": "models", "attention": "attention_loss"}
+           "models": "models", "attention": "attention_loss", "sdpa": "sdpa"}
 
 
 def _command(name: str) -> Callable[[Optional[Sequence[str]]], Any]:

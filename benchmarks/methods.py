@@ -82,7 +82,8 @@ from sats.data.tasks import Task, get_task  # noqa: E402
 from sats.engine.checkpoint import write_json_atomic, write_text_atomic  # noqa: E402
 from sats.engine.data import joint_task  # noqa: E402
 from sats.engine.evaluator import ConfusionMatrix  # noqa: E402
-from sats.engine.optim import amp_dtype, autocast_factory, build_grad_scaler, build_optimizer, build_scheduler  # noqa: E402
+from sats.engine.optim import (amp_dtype, autocast_factory, build_grad_scaler, build_optimizer,  # noqa: E402
+                               build_scheduler, configure_cuda_math)
 from sats.methods import Batch, Method, StepContext, build_method, get_method_class, list_methods  # noqa: E402
 from sats.methods.ft import FineTuning  # noqa: E402
 from sats.models import ModelConfig, Segmenter, build_segmenter, frozen_copy  # noqa: E402
@@ -333,6 +334,7 @@ class _Bench:
         self.train_cfg = TrainConfig(optimizer=spec.optimizer, amp=spec.amp, epochs=1, warmup_iters=0)
         self.cfg = ExperimentConfig(model=self.model_cfg, train=self.train_cfg, method=method_section(spec.method, cnn))
         self.amp = amp_dtype(self.train_cfg, self.device)
+        configure_cuda_math(self.train_cfg, self.device)
         self.autocast = autocast_factory(self.device, self.amp)
         self.tmp = tempfile.TemporaryDirectory(prefix="sats-bench-")
         self.batch = synthetic_batch(self.task, self.step, spec.batch, spec.size, self.device,
@@ -348,7 +350,8 @@ class _Bench:
         return StepContext(step=step, task=self.task, cfg=self.cfg, model=model, old_model=old_model,
                            device=self.device, run_dir=Path(self.tmp.name), cache_dir=Path(self.tmp.name),
                            old_checkpoint_digest=f"benchmark-step{step - 1}" if step > 0 else None,
-                           train_loader=loader, autocast=self.autocast, log_scalar=lambda name, value: None,
+                           train_loader=loader, autocast=self.autocast,
+                           grad_scaled=self.amp == torch.float16, log_scalar=lambda name, value: None,
                            data_digest=f"benchmark-{batch.images.shape[-1]}px")
 
     def optimizer(self, params: list, total: int) -> tuple[torch.optim.Optimizer, Any, Any]:

@@ -89,7 +89,9 @@ class TrainConfig:
     weight_decay: float = 1e-4  # on every parameter, norms and biases included (reference)
     poly_power: float = 0.9  # lr_i = lr_0 (1 - i / I) ** power, per iteration
     warmup_iters: int = 0  # linear warm-up iterations (0 in the paper)
-    amp: str = "off"  # off | bf16 | fp16 (fp16 uses a GradScaler; CUDA only)
+    #: off | bf16 | fp16 (GradScaler; CUDA only) | auto (fp16 on CUDA, the reference's apex O1; off on CPU)
+    amp: str = "off"
+    tf32: bool = True  # CUDA: TF32 matrix products and convolutions (Ampere and newer); false = strict fp32
     seed: int = 42  # reset at the start of every step and epoch
     deterministic: bool = False  # torch.use_deterministic_algorithms
     drop_last: bool = True
@@ -105,7 +107,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _choice("train.optimizer", self.optimizer, ("sgd", "adamw"))
-        _choice("train.amp", self.amp, ("off", "bf16", "fp16"))
+        _choice("train.amp", self.amp, ("off", "bf16", "fp16", "auto"))
         _choice("train.select", self.select, ("last", "best_val"))
         _choice("train.on_nonfinite", self.on_nonfinite, ("error", "skip"))
         _positive("train.epochs", self.epochs)

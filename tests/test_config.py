@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from sats.config import ConfigError, ExperimentConfig, load_config, parse_overrides
 
@@ -69,3 +70,16 @@ def test_every_config_file_validates():
     assert files
     for path in files:
         load_config(path)
+
+
+def test_amp_modes_resolve_per_device():
+    from sats.config import TrainConfig
+    from sats.engine.optim import amp_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert amp_dtype(TrainConfig(amp="auto"), cpu) is None  # the paper configs run on a CPU in fp32
+    assert amp_dtype(TrainConfig(amp="auto"), cuda) is torch.float16  # ... and with the reference's O1 on a GPU
+    assert amp_dtype(TrainConfig(amp="bf16"), cpu) is torch.bfloat16
+    assert amp_dtype(TrainConfig(amp="off"), cuda) is None
+    with pytest.raises(ValueError, match="fp16 needs CUDA"):
+        amp_dtype(TrainConfig(amp="fp16"), cpu)

@@ -369,3 +369,30 @@ def test_all_reduce_is_a_noop_without_distributed() -> None:
 @pytest.mark.slow
 def test_all_reduce_averages_across_two_ranks(tmp_path) -> None:
     mp.spawn(_all_reduce_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+
+
+def test_penalty_value_and_gradient_share_one_pass_and_follow_parameter_updates() -> None:
+    """The training path (penalty_value in the loss, add_penalty_grad_ after backward) equals the autograd
+    penalty, also across optimiser steps (the shared √Î·(θ − θ_old) is recomputed when θ changes)."""
+    params = _params(a=[1.0, 2.0, 4.0], b=[[0.5, -1.0], [2.0, 3.0]], head=[1.0])
+    ewc = EWCImportance()
+    ewc.begin_step(params.items())
+    _run_iterations(ewc, params, seed=5, n=3)
+    ewc.end_step(params.items())
+    old = {name: params[name].detach() - 0.3 for name in ("a", "b")}
+    ewc.begin_step(params.items(), old)
+    optimizer = torch.optim.SGD(params.values(), lr=0.1, momentum=0.9, foreach=True)
+    for _ in range(3):
+        value = ewc.penalty_value(params.items())
+        assert value.item() == pytest.approx(ewc.penalty(params.items()).item(), rel=1e-12)
+        for p in params.values():
+            p.grad = None
+        (2.0 * ewc.penalty(params.items())).backward()
+        expected = {name: p.grad.clone() for name, p in params.items() if p.grad is not None}
+        for p in params.values():
+            p.grad = torch.zeros_like(p)
+        assert ewc.add_penalty_grad_(params.items(), weight=2.0).item() == pytest.approx(value.item(), rel=1e-12)
+        for name, grad in expected.items():
+            torch.testing.assert_close(params[name].grad, grad)
+        assert params["head"].grad.abs().sum() == 0
+        optimizer.step()  # θ changes in place: the next iteration must not reuse this one's differences

@@ -151,9 +151,9 @@ class _Toy(nn.Module):
         return (X * self.w).sum() + 2.0 * self.head.sum()
 
 
-def _ctx(model, old, amp="off"):
+def _ctx(model, old, grad_scaled=False):
     return SimpleNamespace(step=1, iteration=0, model=model, old_model=old, device=torch.device("cpu"),
-                           run_dir="toy", cfg=SimpleNamespace(train=SimpleNamespace(amp=amp)))
+                           run_dir="toy", grad_scaled=grad_scaled)
 
 
 def _ended_state(tracker, fill):
@@ -216,7 +216,7 @@ def test_fp16_overflow_leaves_the_importance_untouched():
     method = build_method({"name": "ewc", "alpha": 0.5, "lambda_reg": 10.0})
     method.load_state_dict(_ended_state(EWCImportance(alpha=0.5), [1.0, 3.0, 2.0]))
     model, old = _Toy([1.0, 2.0, -1.0], head=[0.5]), _Toy([0.0, 0.0, 0.0])
-    ctx = _ctx(model, old, amp="fp16")
+    ctx = _ctx(model, old, grad_scaled=True)
     method.begin_step(ctx)
     model.w.grad = torch.tensor([1.0, float("inf"), 0.0])
     model.head.grad = torch.tensor([1.0])

@@ -131,3 +131,19 @@ def test_finite_float32_under_bf16_autocast():
         low = local_pod_loss([(old[0] / 30).bfloat16()], [(new[0] / 30).bfloat16()], 0.01, 4, 1)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert low.item() == pytest.approx(reference.item(), rel=3e-2)
+
+
+@pytest.mark.parametrize("shape, scales", [((2, 3, 8, 12), (1, 2, 4)), ((2, 3, 10, 7), (1, 2, 4)), ((1, 2, 9, 9), (1, 3))])
+def test_distance_equals_the_norm_of_the_embedding_difference_with_its_gradient(shape, scales):
+    """pod_distance's shortcut (means of old² − new², norm summed per scale) = ‖Φ(old) − Φ(new)‖ mean,
+    on nested and non-nested grids, value and gradient (both compute in float32)."""
+    gen = torch.Generator().manual_seed(7)
+    old = torch.randn(shape, generator=gen, dtype=torch.float64)
+    new_a = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    new_b = new_a.detach().clone().requires_grad_(True)
+    fast = pod_distance(old, new_a, scales)
+    slow = torch.linalg.vector_norm(pod_embedding(old, scales) - pod_embedding(new_b, scales), dim=1).mean()
+    assert fast.item() == pytest.approx(slow.item(), rel=1e-6)
+    fast.backward()
+    slow.backward()
+    torch.testing.assert_close(new_a.grad, new_b.grad, rtol=1e-4, atol=1e-6)

@@ -38,12 +38,22 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_it
 
 
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype of the run, or None. fp16 is refused on CPU (no GradScaler support there)."""
+    """The autocast dtype of the run, or None. fp16 is refused on CPU (no GradScaler support there);
+    ``auto`` is fp16 on CUDA (the reference's apex O1) and off elsewhere."""
+    if cfg.amp == "auto":
+        return torch.float16 if device.type == "cuda" else None
     if cfg.amp == "off":
         return None
     if cfg.amp == "fp16" and device.type != "cuda":
         raise ValueError("train.amp=fp16 needs CUDA; use train.amp=bf16 on CPU")
     return torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+
+
+def configure_cuda_math(cfg: TrainConfig, device: torch.device) -> None:
+    """Apply ``train.tf32`` to CUDA's float32 matrix products and cuDNN convolutions (no-op elsewhere)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
 
 
 def autocast_factory(device: torch.device, dtype: Optional[torch.dtype]) -> Callable[[], ContextManager]:

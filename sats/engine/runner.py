@@ -36,7 +36,8 @@ from sats.engine.data import ExperimentData, first_batch_images
 from sats.engine.distributed import (DistInfo, all_reduce_mean_, all_reduce_sum_, barrier, init_distributed,
                                      seed_everything, set_deterministic, unwrap)
 from sats.engine.evaluator import ConfusionMatrix, Metrics
-from sats.engine.optim import (amp_dtype, autocast_factory, build_grad_scaler, build_optimizer, build_scheduler)
+from sats.engine.optim import (amp_dtype, autocast_factory, build_grad_scaler, build_optimizer, build_scheduler,
+                               configure_cuda_math)
 from sats.engine.signals import RunInterrupted, StopRequest, StoppableFetch, capture_rng, gather_per_rank, restore_rng
 from sats.methods.base import Method, StepContext, build_method
 from sats.models.segmenter import Segmenter, build_segmenter, frozen_copy
@@ -76,7 +77,8 @@ class Runner:
         self.cfg = cfg
         self.dist = dist or init_distributed(timeout_s=cfg.train.dist_timeout_s)
         self.stop = StopRequest()  # SIGINT/SIGTERM while run() runs: checkpoint, then RunInterrupted
-        self.device = self.dist.device if cfg.device == "auto" else torch.device(cfg.device)
+        # "cuda" under torchrun means this rank's GPU (cuda:LOCAL_RANK), as "auto" does
+        self.device = self.dist.device if cfg.device in ("auto", self.dist.device.type) else torch.device(cfg.device)
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
         set_deterministic(cfg.train.deterministic)
@@ -84,6 +86,7 @@ class Runner:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.method: Method = build_method(cfg.method)
         self.amp = amp_dtype(cfg.train, self.device)
+        configure_cuda_math(cfg.train, self.device)
         self.autocast = autocast_factory(self.device, self.amp)
         self._writer = None
         self._prepare_run_dir()
@@ -263,6 +266,7 @@ class Runner:
         ctx = StepContext(step=t, task=task, cfg=self.cfg, model=model, old_model=old_model, device=self.device,
                           run_dir=self.run_dir, cache_dir=Path(self.cfg.data.cache_dir),
                           old_checkpoint_digest=old_digest, train_loader=loader, autocast=self.autocast,
+                          grad_scaled=self.amp == torch.float16,
                           log_scalar=lambda name, value: None, data_digest=self.data.step_digest(t, self.joint))
         ctx.log_scalar = lambda name, value: self._scalar(f"step{t}/{name}", value, ctx.iteration)
         return ctx
@@ -638,7 +642,8 @@ def _load_yaml(path: Path) -> Dict[str, Any]:
 def _config_diff(a: Any, b: Any, prefix: str = "") -> List[str]:
     """Keys whose values differ between two nested dicts (ignoring logging-only keys)."""
     ignore = {"log", "train.threads", "train.log_every", "data.workers", "data.scan_workers", "data.check",
-              "data.cache_dir", "output_dir", "run_dir", "train.dist_timeout_s"}
+              "data.cache_dir", "output_dir", "run_dir", "train.dist_timeout_s",
+              "device"}  # a run may move between machines (a GPU step, then a CPU one)
     if prefix.rstrip(".") in ignore:
         return []
     if isinstance(a, dict) and isinstance(b, dict):

@@ -141,6 +141,9 @@ class ImportanceTracker:
         self.phase = "fresh"
         self.old_params: TensorDict = {}
         self.penalty_importance: TensorDict = {}  # normalised, fixed for the step
+        self._roots: TensorDict | None = None  # √Î per parameter (Î ≥ 0), built at first use in a step
+        #: (parameter versions, √Î·(θ − θ_old), its sum of squares): shared by the loss value and the gradient
+        self._scaled_diff: tuple[tuple, list[Tensor], Tensor] | None = None
 
     # ------------------------------------------------------------------ subclass hooks
     def _previous_importance(self, names: Iterable[str]) -> TensorDict | None:
@@ -192,6 +195,7 @@ class ImportanceTracker:
         self._set_old_params(params, old_params)
         self._place_all_(params)
         self.penalty_importance = {}
+        self._forget_penalty_cache()
         if self.old_params:
             names = [name for name in params if name in self.old_params]
             previous = self._previous_importance(names) if self.phase == "ended" else None
@@ -216,6 +220,7 @@ class ImportanceTracker:
         self._set_old_params(params, old_params)
         _place_(self.penalty_importance, params)
         self._place_all_(params)
+        self._forget_penalty_cache()
 
     def _set_old_params(self, params: Mapping[str, Tensor], old_params: Mapping[str, Tensor] | None) -> None:
         self.old_params = {}
@@ -242,11 +247,52 @@ class ImportanceTracker:
         raise NotImplementedError
 
     def penalty(self, named_params: NamedParams) -> Tensor:
-        """``Σ_k Î_k (θ_k − θ_k^old)²`` with the previous step's normalised importance (unweighted)."""
+        """``Σ_k Î_k (θ_k − θ_k^old)²`` with the previous step's normalised importance (unweighted),
+        differentiable (the autograd path; training uses :meth:`penalty_value` + :meth:`add_penalty_grad_`)."""
         if not self.penalty_active:
             first = next(iter(named_params), None)
             return torch.zeros((), device=None if first is None else first[1].device)
         return quadratic_penalty(named_params, self.old_params, self.penalty_importance)
+
+    # -- the training path: a few multi-tensor (foreach) kernels per iteration, not ~10 per tensor
+    def _forget_penalty_cache(self) -> None:
+        self._roots = None
+        self._scaled_diff = None
+
+    def _penalty_operands(self, named_params: NamedParams) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Aligned lists of the penalised parameters, their old values and ``√Î``."""
+        if self._roots is None:
+            self._roots = {name: imp.clamp(min=0).sqrt() for name, imp in self.penalty_importance.items()}
+        params, olds, roots = [], [], []
+        for name, param in named_params:
+            if param.requires_grad and name in self.old_params and name in self._roots:
+                params.append(param)
+                olds.append(self.old_params[name])
+                roots.append(self._roots[name])
+        return params, olds, roots
+
+    def _scaled_differences(self, params: list[Tensor], olds: list[Tensor], roots: list[Tensor],
+                            device: torch.device | None) -> tuple[list[Tensor], Tensor]:
+        """``√Î·(θ − θ_old)`` per parameter (detached) and its total sum of squares (the penalty), reused
+        until a parameter changes (its version counter or storage)."""
+        key = tuple((id(p), p._version, p.data_ptr()) for p in params)
+        if self._scaled_diff is not None and self._scaled_diff[0] == key:
+            return self._scaled_diff[1], self._scaled_diff[2]
+        with torch.no_grad():
+            scaled = torch._foreach_sub([p.detach() for p in params], olds)
+            torch._foreach_mul_(scaled, roots)
+            value = (torch.stack(torch._foreach_norm(scaled)).square().sum() if scaled
+                     else torch.zeros((), device=device))
+        self._scaled_diff = (key, scaled, value)
+        return scaled, value
+
+    def penalty_value(self, named_params: NamedParams) -> Tensor:
+        """:meth:`penalty`'s value, detached: ``Σ_k ‖√Î_k·(θ_k − θ_k^old)‖²`` (shared with the gradient)."""
+        named_params = list(named_params)
+        device = named_params[0][1].device if named_params else None
+        if not self.penalty_active:
+            return torch.zeros((), device=device)
+        return self._scaled_differences(*self._penalty_operands(named_params), device)[1]
 
     def add_penalty_grad_(self, named_params: NamedParams, weight: float) -> Tensor:
         """Add ``weight · ∂penalty/∂θ = 2·weight·Î·(θ − θ_old)`` to ``p.grad`` in place.
@@ -254,25 +300,22 @@ class ImportanceTracker:
         The analytic alternative to ``(weight * penalty).backward()``: no second
         autograd pass, so it also works after a DDP backward (whose gradient hooks
         fire only once per iteration).  Call it after :meth:`update`.  Returns the
-        unweighted penalty value (detached) for logging.
+        unweighted penalty value (detached) for logging; the ``√Î·(θ − θ_old)`` of
+        the last :meth:`penalty_value` call is reused when no parameter changed since.
         """
-        first = None
-        total: Tensor | None = None
+        named_params = list(named_params)
+        device = named_params[0][1].device if named_params else None
+        if not self.penalty_active:
+            return torch.zeros((), device=device)
+        params, olds, roots = self._penalty_operands(named_params)
+        scaled, value = self._scaled_differences(params, olds, roots, device)
         with torch.no_grad():
-            for name, param in named_params:
-                first = param if first is None else first
-                if not param.requires_grad or name not in self.old_params or name not in self.penalty_importance:
-                    continue
-                importance = self.penalty_importance[name]
-                diff = param - self.old_params[name]
-                term = torch.dot((importance * diff).flatten(), diff.flatten())
-                total = term if total is None else total + term
+            for param in params:
                 if param.grad is None:
                     param.grad = torch.zeros_like(param)
-                param.grad.addcmul_(importance, diff, value=2.0 * weight)
-        if total is None:
-            return torch.zeros((), device=None if first is None else first.device)
-        return total
+            torch._foreach_addcmul_([p.grad for p in params], scaled, roots, value=2.0 * weight)
+        self._scaled_diff = None  # used once: the optimiser step changes θ next
+        return value
 
     def all_reduce_(self) -> None:
         """Average the accumulators across DDP ranks (no-op without torch.distributed)."""
@@ -301,6 +344,7 @@ class ImportanceTracker:
         self._load_scalar_state(state)
         self._load_tensor_state(state, device)
         self.penalty_importance = _loaded(state.get("penalty_importance", {}), device)
+        self._forget_penalty_cache()
         self.phase = phase
 
 
@@ -338,15 +382,21 @@ class EWCImportance(ImportanceTracker):
     def _place_all_(self, params: Mapping[str, Tensor]) -> None:
         _place_(self.fisher, params)
 
-    def _update_fisher_(self, name: str, grad: Tensor) -> None:
-        self.fisher[name].mul_(1.0 - self.alpha).addcmul_(grad, grad, value=self.alpha)
+    def _update_fisher_(self, fisher: list[Tensor], grads: list[Tensor]) -> None:
+        """``F ← α g² + (1 − α) F`` for aligned lists (two multi-tensor kernels)."""
+        if fisher:
+            torch._foreach_mul_(fisher, 1.0 - self.alpha)
+            torch._foreach_addcmul_(fisher, grads, grads, value=self.alpha)
+
+    def _with_grads(self, named_params: NamedParams) -> list[tuple[str, Tensor, Tensor]]:
+        """``(name, θ, g)`` of the tracked parameters that have a gradient."""
+        return [(name, p.detach(), p.grad) for name, p in named_params if p.grad is not None and name in self.fisher]
 
     def update(self, named_params: NamedParams) -> None:
         self._require_running("update")
+        tracked = self._with_grads(named_params)
         with torch.no_grad():
-            for name, param in named_params:
-                if param.grad is not None and name in self.fisher:
-                    self._update_fisher_(name, param.grad)
+            self._update_fisher_([self.fisher[name] for name, _, _ in tracked], [g for _, _, g in tracked])
 
     def end_step(self, named_params: NamedParams) -> None:
         self._require_running("end_step")
@@ -416,24 +466,33 @@ class RWImportance(EWCImportance):
 
     def update(self, named_params: NamedParams) -> None:
         self._require_running("update")
-        score_now = self.count % self.score_interval == 0
+        tracked = self._with_grads(named_params)
         with torch.no_grad():
-            for name, param in named_params:
-                grad = param.grad
-                if grad is None or name not in self.fisher:
-                    continue
-                if score_now and name in self.score:
-                    theta = param.detach()
-                    snapshot = self.snapshot.get(name)
-                    if snapshot is None:
+            if self.count % self.score_interval == 0:
+                candidates = [item for item in tracked if item[0] in self.score]
+                self._update_score_([item for item in candidates if item[0] in self.snapshot])
+                for name, theta, _ in candidates:
+                    if name not in self.snapshot:  # the first scoring call only takes the snapshot
                         self.snapshot[name] = theta.clone(memory_format=torch.contiguous_format)
-                    else:
-                        delta = snapshot.neg_().add_(theta)  # Δθ = θ − θ_snapshot, in the snapshot buffer
-                        denominator = delta.square().mul_(self.fisher[name]).mul_(0.5).add_(RW_EPS)
-                        self.score[name].addcdiv_(delta.mul_(grad), denominator, value=-1.0)
-                        snapshot.copy_(theta)
-                self._update_fisher_(name, grad)
+            self._update_fisher_([self.fisher[name] for name, _, _ in tracked], [g for _, _, g in tracked])
         self.count += 1
+
+    def _update_score_(self, scored: list[tuple[str, Tensor, Tensor]]) -> None:
+        """``s −= g·Δθ / (½ F Δθ² + ε)``, ``Δθ = θ − θ_snapshot``, then retake the snapshots (F before its update)."""
+        if not scored:
+            return
+        names = [name for name, _, _ in scored]
+        thetas, grads = [t for _, t, _ in scored], [g for _, _, g in scored]
+        snapshots = [self.snapshot[name] for name in names]
+        delta = torch._foreach_sub(thetas, snapshots)
+        denominator = torch._foreach_mul(delta, delta)
+        torch._foreach_mul_(denominator, [self.fisher[name] for name in names])
+        torch._foreach_mul_(denominator, 0.5)
+        torch._foreach_add_(denominator, RW_EPS)
+        torch._foreach_mul_(delta, grads)
+        torch._foreach_div_(delta, denominator)
+        torch._foreach_sub_([self.score[name] for name in names], delta)
+        torch._foreach_copy_(snapshots, thetas)
 
     def end_step(self, named_params: NamedParams) -> None:
         self._require_running("end_step")
@@ -527,19 +586,19 @@ class PathIntegral(ImportanceTracker):
 
     def update(self, named_params: NamedParams) -> None:
         self._require_running("update")
+        tracked = [(name, p.detach(), p.grad) for name, p in named_params if p.grad is not None and name in self.delta]
         with torch.no_grad():
-            for name, param in named_params:
-                grad = param.grad
-                if grad is None or name not in self.delta:
-                    continue
-                theta = param.detach()
-                previous = self.theta_prev.get(name)
-                if previous is None:
+            walked = [item for item in tracked if item[0] in self.theta_prev]
+            for name, theta, _ in tracked:
+                if name not in self.theta_prev:  # the first call only takes θ_prev
                     self.theta_prev[name] = theta.clone(memory_format=torch.contiguous_format)
-                    continue
-                step = previous.sub_(theta)  # θ_prev − θ, in the snapshot buffer
-                self.delta[name].addcmul_(grad, step)  # δ += −g·(θ − θ_prev)
-                previous.copy_(theta)
+            if walked:
+                previous = [self.theta_prev[name] for name, _, _ in walked]
+                thetas = [theta for _, theta, _ in walked]
+                torch._foreach_sub_(previous, thetas)  # θ_prev − θ, in the snapshot buffers
+                torch._foreach_addcmul_([self.delta[name] for name, _, _ in walked], [g for _, _, g in walked],
+                                        previous)  # δ += −g·(θ − θ_prev)
+                torch._foreach_copy_(previous, thetas)
 
     def end_step(self, named_params: NamedParams) -> None:
         self._require_running("end_step")

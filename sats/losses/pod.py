@@ -53,47 +53,79 @@ def pod_embedding(x: Tensor, scales: Sequence[int] = DEFAULT_SCALES) -> Tensor:
     """
     if x.dim() != 4:
         raise ValueError(f"pod_embedding: expected a (B, C, H, W) map, got {tuple(x.shape)}")
-    batch, channels, height, width = x.shape
+    _check_scales(x.shape, scales)
+    return torch.cat([torch.cat([_flat_regions(w, "width"), _flat_regions(h, "height")], dim=3).flatten(1)
+                      for w, h in _region_means(x.float().pow(2), scales)], dim=1)
+
+
+def _check_scales(shape: torch.Size, scales: Sequence[int]) -> None:
+    height, width = shape[-2:]
     for scale in scales:
         if scale < 1 or height // scale == 0 or width // scale == 0:
             raise ValueError(f"pod_embedding: scale {scale} does not fit a {height}x{width} map")
-    squared = x.float().pow(2)
+
+
+def _region_means(squared: Tensor, scales: Sequence[int]) -> list[tuple[Tensor, Tensor]]:
+    """Per scale ``s``: (width means ``(B, C, s_i, kh, s_j)``, height means ``(B, C, s_i, s_j, kw)``) of a map.
+
+    Linear in ``squared``. When the finest scale ``f`` divides ``H`` and ``W`` and every scale divides
+    ``f`` (the usual {1, 2, 4} on maps of even size), the full map is reduced only twice — row means
+    within ``f`` column bands ``(B, C, H, f)`` and column means within ``f`` row bands ``(B, C, f, W)``
+    — and every coarser scale averages neighbouring bands of those (equal-size regions: the same
+    means, up to float rounding): 2 instead of ``2 × len(scales)`` full-size reductions, and as many
+    full-size gradients in the backward pass.
+    """
+    batch, channels, height, width = squared.shape
     finest = max(scales)
     nested = height % finest == 0 and width % finest == 0 and all(finest % s == 0 for s in scales)
     if nested:
         row_bands = squared.reshape(batch, channels, height, finest, width // finest).mean(dim=4)  # (B, C, H, f)
         col_bands = squared.reshape(batch, channels, finest, height // finest, width).mean(dim=3)  # (B, C, f, W)
-    parts = []
+    means = []
     for scale in scales:  # a loop over the (3) scales only; regions are pooled in one reshape
         region_h, region_w = height // scale, width // scale
         if nested:
             group = finest // scale
             # (B, C, H, s) → (B, C, s_i, kh, s_j);  (B, C, s, W) → (B, C, s_i, s_j, kw)
-            width_means = row_bands.reshape(batch, channels, height, scale, group).mean(dim=4)
+            width_means = row_bands if group == 1 else row_bands.reshape(batch, channels, height, scale, group).mean(4)
+            height_means = col_bands if group == 1 else col_bands.reshape(batch, channels, scale, group, width).mean(3)
             width_means = width_means.reshape(batch, channels, scale, region_h, scale)
-            height_means = col_bands.reshape(batch, channels, scale, group, width).mean(dim=3)
             height_means = height_means.reshape(batch, channels, scale, scale, region_w)
         else:
             grid = squared[:, :, : scale * region_h, : scale * region_w]
             grid = grid.reshape(batch, channels, scale, region_h, scale, region_w)
             width_means = grid.mean(dim=5)  # (B, C, s_i, kh, s_j)
             height_means = grid.mean(dim=3)  # (B, C, s_i, s_j, kw)
-        # (B, C, s_i, kh, s_j) -> (B, s_i, s_j, C·kh);  (B, C, s_i, s_j, kw) -> (B, s_i, s_j, C·kw)
-        width_means = width_means.permute(0, 2, 4, 1, 3).reshape(batch, scale, scale, channels * region_h)
-        height_means = height_means.permute(0, 2, 3, 1, 4).reshape(batch, scale, scale, channels * region_w)
-        parts.append(torch.cat([width_means, height_means], dim=3).reshape(batch, -1))
-    return torch.cat(parts, dim=1)
+        means.append((width_means, height_means))
+    return means
+
+
+def _flat_regions(means: Tensor, kind: str) -> Tensor:
+    """The reference layout: ``(B, C, s_i, kh, s_j)`` → ``(B, s_i, s_j, C·kh)`` (width) or
+    ``(B, C, s_i, s_j, kw)`` → ``(B, s_i, s_j, C·kw)`` (height)."""
+    order = (0, 2, 4, 1, 3) if kind == "width" else (0, 2, 3, 1, 4)
+    moved = means.permute(*order)
+    return moved.reshape(*moved.shape[:3], -1)
 
 
 def pod_distance(old: Tensor, new: Tensor, scales: Sequence[int] = DEFAULT_SCALES) -> Tensor:
     """``mean_b ‖Φ(old_b) − Φ(new_b)‖₂`` for two maps of equal shape ``(B, C, H, W)``. Scalar.
 
-    ``old`` is detached (a target); gradients flow into ``new`` only.
+    ``old`` is detached (a target); gradients flow into ``new`` only. Computed without building
+    either embedding: the region means are linear, so ``Φ(old) − Φ(new)`` is the means of
+    ``old² − new²``, and the L2 norm does not depend on the embedding's layout, so it is summed
+    over the per-scale means directly (a third of the kernels of two embeddings, which matters
+    where the step is launch-bound; same value up to float rounding).
     """
     if old.shape != new.shape:
         raise ValueError(f"pod_distance: old map {tuple(old.shape)} and new map {tuple(new.shape)} differ")
-    difference = pod_embedding(old.detach(), scales) - pod_embedding(new, scales)
-    return torch.linalg.vector_norm(difference, ord=2, dim=1).mean()
+    if new.dim() != 4:
+        raise ValueError(f"pod_distance: expected (B, C, H, W) maps, got {tuple(new.shape)}")
+    _check_scales(new.shape, scales)
+    difference = old.detach().float().square() - new.float().square()
+    per_part = [torch.linalg.vector_norm(m, ord=2, dim=(1, 2, 3, 4))
+                for pair in _region_means(difference, scales) for m in pair]  # each (B,)
+    return torch.linalg.vector_norm(torch.stack(per_part, dim=1), ord=2, dim=1).mean()
 
 
 def collapse_new_channels(new_logits: Tensor, num_old: int) -> Tensor:

@@ -152,13 +152,14 @@ class ImportanceMethod(Method):
         terms = {"ce": cross_entropy(out.logits, batch.labels, reduction=self.params.reduction)}
         if self.tracker.penalty_active:
             # value only: the gradient is added analytically in after_backward, after the importance update
-            with torch.no_grad(), torch.autocast(ctx.device.type, enabled=False):
-                terms[self.name] = self.params.lambda_reg * self.tracker.penalty(self._params)
+            # (from the same √Î·(θ − θ_old), computed once per iteration)
+            with torch.autocast(ctx.device.type, enabled=False):
+                terms[self.name] = self.params.lambda_reg * self.tracker.penalty_value(self._params)
         return terms
 
     def after_backward(self, ctx: StepContext) -> None:
         """Update the importance from the main-loss gradients, then add ``2λÎ(θ − θ_old)`` to ``p.grad``."""
-        if ctx.cfg.train.amp == "fp16" and not gradients_finite(self._params):
+        if ctx.grad_scaled and not gradients_finite(self._params):
             return  # overflow: the GradScaler skips this optimiser step; keep inf/NaN out of the importance
         self.tracker.update(self._params)
         if self.tracker.penalty_active:

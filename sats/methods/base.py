@@ -66,6 +66,8 @@ class StepContext:
     iteration: int = 0  # iterations done in this step
     total_iterations: int = 0
     data_digest: Optional[str] = None  # hash of this step's image lists and classes (cache keys)
+    #: gradients pass through an fp16 GradScaler: after_backward may see inf/NaN (that step is then skipped)
+    grad_scaled: bool = False
 
     @property
     def num_old(self) -> int:
