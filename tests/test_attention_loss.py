@@ -153,6 +153,26 @@ def test_matches_loop_form_on_random_tensors(reference_layout: bool) -> None:
         assert expected > 0
 
 
+@pytest.mark.parametrize("reference_layout", [False, True])
+def test_per_channel_rows_equal_compact_rows_with_their_gradient(reference_layout: bool) -> None:
+    """compact=False (one row per channel, the sync-free GPU path) = compact=True (present classes only)."""
+    for seed in range(3):
+        new, old, labels = _random_case(seed)
+        new_a = [n.detach().clone().requires_grad_(True) for n in new]
+        new_b = [n.detach().clone().requires_grad_(True) for n in new]
+        full = sats_attention_loss(new_a, old, labels, reference_layout=reference_layout, num_channels=6,
+                                   compact=False)
+        compact = sats_attention_loss(new_b, old, labels, reference_layout=reference_layout, num_channels=6,
+                                      compact=True)
+        assert full.item() == pytest.approx(compact.item(), rel=1e-12) and compact.item() > 0
+        full.backward()
+        compact.backward()
+        for a, b in zip(new_a, new_b):
+            torch.testing.assert_close(a.grad, b.grad)
+    with pytest.raises(ValueError, match="needs num_channels"):
+        sats_attention_loss(new, old, labels, compact=False)
+
+
 def test_layout_switch_matters_only_with_several_heads() -> None:
     new, old, labels = _random_case(0, heads=(1,), sides=(4,), keys=(5,))
     assert sats_attention_loss(new, old, labels).item() == pytest.approx(

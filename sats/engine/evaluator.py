@@ -275,7 +275,7 @@ def evaluate(
                             "pass need_full_image=True to resize the logits to the mask"
                         )
                     logits = F.interpolate(logits.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
-                confusion.update(logits.argmax(dim=1), masks)
+                confusion.update(logits.max(dim=1).indices, masks)  # = argmax, faster on CPU
     finally:
         model.train(was_training)
     return confusion.all_reduce_().compute()

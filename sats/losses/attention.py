@@ -86,6 +86,18 @@ def _compact_labels(
     return lookup[flat].view(labels.shape), num_rows
 
 
+def _channel_rows(labels: Tensor, num_channels: int, exclude: Sequence[int]) -> Tensor:
+    """Labels as rows ``[0, K)``, excluded values → ``K`` (dropped); out-of-range labels fail a
+    device-side assert (no host sync)."""
+    labels = labels.long()
+    excluded = torch.zeros_like(labels, dtype=torch.bool)
+    for value in exclude:
+        excluded |= labels == value
+    valid = excluded | ((labels >= 0) & (labels < num_channels))
+    torch._assert_async(valid.all(), f"sats_attention_loss: labels outside [0, {num_channels}) and exclude={tuple(exclude)}")
+    return labels.masked_fill(excluded, num_channels)
+
+
 def class_region_weights(
     labels_small: Tensor,
     num_channels: int,
@@ -204,6 +216,7 @@ def sats_attention_loss(
     grid_sizes: Sequence[tuple[int, int]] | None = None,
     num_channels: int | None = None,
     exclude: Sequence[int] = (0, IGNORE_INDEX),
+    compact: bool | None = None,
 ) -> Tensor:
     """SATS self-attention transfer loss, averaged over stages (unweighted).
 
@@ -234,6 +247,11 @@ def sats_attention_loss(
             (one device sync), which gives the same loss at a fraction of
             the cost of ``K_t`` rows.
         exclude: label values never pooled (background 0 and ignore 255).
+        compact: pool only the classes present in the batch (``True``; one host sync, which
+            also validates the labels) or one row per channel ``[0, K_t)`` (``False``; needs
+            ``num_channels``, no host sync: labels are checked with a device-side assert).
+            Same loss. ``None``: compact on the CPU, per-channel on a GPU when
+            ``num_channels`` is given (a sync stalls the launch queue there, and K_t rows are cheap).
 
     Returns:
         0-dim tensor; gradients flow only into ``new_attn``.
@@ -265,8 +283,15 @@ def sats_attention_loss(
             raise ValueError(
                 f"labels must be (B, H, W) with B = {new_attn[0].shape[0]}, got {tuple(labels.shape)}"
             )
-        compact, num_rows = _compact_labels(labels, num_channels, exclude)
-        compact_float = compact[:, None].float()  # converted once for every stage's resize
+        if compact is None:
+            compact = not (labels.is_cuda and num_channels is not None)
+        if compact:
+            rows, num_rows = _compact_labels(labels, num_channels, exclude)
+        elif num_channels is None:
+            raise ValueError("compact=False needs num_channels")
+        else:
+            rows, num_rows = _channel_rows(labels, num_channels, exclude), num_channels
+        compact_float = rows[:, None].float()  # converted once for every stage's resize
 
     stage_losses = []
     for stage, (new, old) in enumerate(zip(new_attn, old_attn)):

@@ -137,7 +137,7 @@ def accumulate_thresholds(old_model: torch.nn.Module, batches: Iterable[Batch], 
             if accumulator is None:
                 accumulator = ThresholdAccumulator(old_logits.shape[1], settings.bins, settings.mode, device=device)
             uncertainty = pixel_uncertainty(old_logits, num_outputs, settings.mode)
-            accumulator.update(uncertainty, old_logits.argmax(dim=1), batch.labels == 0)
+            accumulator.update(uncertainty, old_logits.max(dim=1).indices, batch.labels == 0)
     if accumulator is None:
         raise RuntimeError("pseudo-label thresholds: the training loader yielded no batch")
     all_reduce_sum_(accumulator.histogram)

@@ -101,18 +101,19 @@ class SATS(Method):
             "ce": cross_entropy(out.logits, pseudo, pixel_weight=nu if p.adaptive_factor else None,
                                 reduction=p.reduction),
             "unkd": p.lambda_kd * unbiased_kd(out.logits, old_logits, reduction=p.reduction),
-            "sat": self._transfer_weight() * self._transfer(out, old_out, pseudo),
+            "sat": self._transfer_weight() * self._transfer(out, old_out, pseudo, ctx.num_outputs),
         }
 
     def _transfer_weight(self) -> float:
         p = self.params
         return 1.0 if p.reference_ablation_weight and p.pooling != "class" else p.lambda_sat
 
-    def _transfer(self, out, old_out, pseudo: Tensor) -> Tensor:
+    def _transfer(self, out, old_out, pseudo: Tensor, pseudo_channels: int) -> Tensor:
         p = self.params
         if p.source == "attention":
             return sats_attention_loss(out.attentions, old_out.attentions, pseudo, pooling=p.pooling,
-                                       reference_layout=p.reference_attention_layout)
+                                       reference_layout=p.reference_attention_layout,
+                                       num_channels=pseudo_channels)
         new_maps, old_maps = [*out.stages, out.decoder], [*old_out.stages, old_out.decoder]
         return sats_feature_loss(new_maps, old_maps, pseudo, reference_divisor=4 if p.reference_feature_divisor else None)
 

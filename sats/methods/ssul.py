@@ -169,7 +169,7 @@ class SSUL(Method):
 
     def predict(self, logits: Tensor) -> Tensor:
         """``(B, K_t + 1, H, W)`` model logits → ``(B, H, W)`` task channels (unknown → background)."""
-        return unshift_channels(logits.argmax(1))
+        return unshift_channels(logits.max(dim=1).indices)  # = argmax(1), faster on CPU
 
     # -- freezing ----------------------------------------------------------------------------------
     def trainable_parameters(self, model: torch.nn.Module, step: int) -> List[torch.nn.Parameter]:
