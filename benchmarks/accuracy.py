@@ -148,12 +148,13 @@ def accuracy_markdown(payload: dict[str, Any]) -> str:
         summary = block["summary"]
         seeds = sorted(block["per_seed"], key=int)
         lines += [f"## VOC-layout synthetic {task} (seeds {', '.join(seeds)})", "",
-                  "| method | role | old | new | all | avg old | avg new | avg all | train+test time |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| method | role | seeds | old | new | all | avg old | avg new | avg all | train+test time |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for method in ordered_methods(list(summary)):
             s = summary[method]
             cells = [_cell(s[k], s[f"{k}_std"], s["seeds"]) for k in (*GROUPS, *(f"avg_{g}" for g in GROUPS))]
-            lines.append(f"| {method} | {BOUNDS.get(method, '')} | " + " | ".join(cells) + f" | {s['seconds']:.0f} s |")
+            lines.append(f"| {method} | {BOUNDS.get(method, '')} | {s['seeds']} | " + " | ".join(cells)
+                         + f" | {s['seconds']:.0f} s |")
         skipped = block.get("skipped", {})
         if skipped:
             lines += ["", "Skipped: " + "; ".join(f"{m}: {reason}" for m, reason in sorted(skipped.items()))]
