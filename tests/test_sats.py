@@ -61,10 +61,10 @@ def test_loss_is_the_documented_composition():
     batch = _batch()
     out = new(batch.images, need=method.needs)
     old_out = old(batch.images, need=method.old_needs)
-    method.thresholds.thresholds = torch.full((3,), 1.01)  # accept every background pixel (uncertainty <= 1)
+    method.pseudo.thresholds = torch.full((3,), 1.01)  # accept every background pixel (uncertainty <= 1)
     terms = method.loss(batch, out, old_out, _Ctx(1, 3, 5))
     assert set(terms) == {"ce", "unkd", "sat"}
-    pseudo, _ = method.thresholds.pseudo_labels(batch.labels, old_out.logits, 5)
+    pseudo, _ = method.pseudo.pseudo_labels(batch.labels, old_out.logits, 5)
     assert torch.allclose(terms["ce"], cross_entropy(out.logits, pseudo))
     assert torch.allclose(terms["unkd"], 7.0 * unbiased_kd(out.logits, old_out.logits))
     assert torch.allclose(terms["sat"], 3.0 * sats_attention_loss(out.attentions, old_out.attentions, pseudo))
@@ -82,7 +82,7 @@ def test_gradient_reaches_new_attention_parameters_and_not_the_old_model():
     out = new(batch.images, need=method.needs)
     with torch.no_grad():
         old_out = old(batch.images, need=method.old_needs)
-    method.thresholds.thresholds = torch.full((3,), 1.01)
+    method.pseudo.thresholds = torch.full((3,), 1.01)
     sat = method.loss(batch, out, old_out, _Ctx(1, 3, 5))["sat"]
     assert sat.item() > 0
     sat.backward()
@@ -103,7 +103,7 @@ def test_reference_layout_switch_changes_the_loss_only_with_several_heads():
     values = {}
     for ref in (False, True):
         m = _method(reference_attention_layout=ref, lambda_kd=0.0)
-        m.thresholds.thresholds = torch.full((3,), 1.01)
+        m.pseudo.thresholds = torch.full((3,), 1.01)
         values[ref] = m.loss(batch, out, old_out, _Ctx(1, 3, 5))["sat"].item()
     assert not math.isclose(values[False], values[True], rel_tol=1e-6)  # stages 2-4 have 2-4 heads
     one_head = [a[:, :1] for a in out.attentions], [a[:, :1] for a in old_out.attentions]

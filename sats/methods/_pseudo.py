@@ -2,7 +2,8 @@
 
 Method-agnostic: a method holds one :class:`EntropyThresholds`, calls :meth:`~EntropyThresholds.prepare`
 in ``begin_step`` (steps > 0) and :meth:`~EntropyThresholds.pseudo_labels` in ``loss``, and puts
-:meth:`~EntropyThresholds.state_dict` into its own state.
+:meth:`~EntropyThresholds.state_dict` into its own state. :class:`PseudoLabelMethod` is that frame
+(step-0 CE, pseudo-label CE, state), which PLOP and SATS complete with their distillation terms.
 
 ``prepare`` takes the per-class thresholds ``τ`` ``(K_{t−1},)`` from, in order:
 
@@ -37,7 +38,7 @@ import logging
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, Optional, Tuple
+from typing import Any, Callable, ClassVar, ContextManager, Dict, Iterable, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -48,8 +49,10 @@ from sats.engine.checkpoint import load_checkpoint, save_checkpoint
 from sats.engine.distributed import all_reduce_sum_, get_rank, get_world_size, is_distributed, is_main
 from sats.losses.pseudo_labels import (ThresholdAccumulator, entropy_pseudo_labels, normalized_entropy,
                                        reference_uncertainty)
-from sats.methods.base import Batch, StepContext
+from sats.losses.ce import cross_entropy
+from sats.methods.base import Batch, Method, StepContext
 from sats.methods.ft import CEParams
+from sats.methods.lwf import require_old_logits
 
 log = logging.getLogger("sats")
 
@@ -276,3 +279,49 @@ def _on_every_rank(flag: bool, device: torch.device) -> bool:
     value = torch.tensor([1 if flag else 0], dtype=torch.int64, device=device)
     torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
     return bool(value.item())
+
+
+class PseudoLabelMethod(Method):
+    """Shared frame of PLOP and SATS: plain CE at step 0; at steps > 0 the CE on entropy
+    pseudo-labels ``ỹ`` (times PLOP's adaptive factor ν when ``params.adaptive_factor``) plus the
+    method's own :meth:`distillation_terms`. Thresholds are prepared in ``begin_step`` and kept in
+    the method state under ``state_key``. Params must derive from :class:`ThresholdParams` and
+    define ``adaptive_factor``.
+    """
+
+    uses_old_model = True
+    head_init = "background"
+    state_key: ClassVar[str] = "pseudo_labels"
+
+    def __init__(self, params: Any = None) -> None:
+        super().__init__(params)
+        self.pseudo = EntropyThresholds(self.params.threshold_settings())
+
+    def begin_step(self, ctx: StepContext) -> None:
+        if ctx.step > 0:
+            self.pseudo.prepare(ctx)
+
+    def loss(self, batch: Batch, out: Any, old_out: Optional[Any], ctx: StepContext) -> Dict[str, Tensor]:
+        p = self.params
+        if ctx.step == 0:
+            return {"ce": cross_entropy(out.logits, batch.labels, reduction=p.reduction)}
+        old_logits = require_old_logits(old_out, self.name)
+        labels, adaptive = self.pseudo.pseudo_labels(batch.labels, old_logits, ctx.num_outputs,
+                                                     keep_old_labels=not ctx.cfg.memory.reference_labels)
+        ce = cross_entropy(out.logits, labels, pixel_weight=adaptive if p.adaptive_factor else None,
+                           reduction=p.reduction)
+        return {"ce": ce, **self.distillation_terms(out, old_out, labels, ctx)}
+
+    def distillation_terms(self, out: Any, old_out: Any, pseudo_labels: Tensor, ctx: StepContext) -> Dict[str, Tensor]:
+        """The method's terms beside the CE at steps > 0 (``pseudo_labels``: ``ỹ (B, H, W)``)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> Dict[str, Any]:
+        state = self.pseudo.state_dict()
+        return {self.state_key: state} if state else {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        unknown = set(state) - {self.state_key}
+        if unknown:
+            raise ValueError(f"method {self.name!r}: unknown state entries {sorted(unknown)}")
+        self.pseudo.load_state_dict(state.get(self.state_key, {}))

@@ -27,15 +27,14 @@ VOC values: ``pod_factor`` 0.01, ``pod_logits_factor`` 0.0005; ADE with DeepLab 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 from torch import Tensor
 
-from sats.losses.ce import cross_entropy
 from sats.losses.pod import local_pod_loss
-from sats.methods._pseudo import EntropyThresholds, ThresholdParams
-from sats.methods.base import Batch, Method, StepContext, register_method
-from sats.methods.lwf import check_weight, require_old_logits
+from sats.methods._pseudo import PseudoLabelMethod, ThresholdParams
+from sats.methods.base import StepContext, register_method
+from sats.methods.lwf import check_weight
 
 
 @dataclass
@@ -56,46 +55,19 @@ def pod_maps(out: Any) -> list:
 
 
 @register_method
-class PLOP(Method):
+class PLOP(PseudoLabelMethod):
     """``L = CE(z, ỹ)[·ν] + POD`` (terms ``ce``, ``pod``); plain CE at step 0; background head init."""
 
     name = "plop"
     Params = PLOPParams
-    uses_old_model = True
-    head_init = "background"
     needs = frozenset({"stages", "decoder", "logits_small"})
     old_needs = frozenset({"stages", "decoder", "logits_small"})
 
-    def __init__(self, params: Any = None) -> None:
-        super().__init__(params)
-        self.pseudo = EntropyThresholds(self.params.threshold_settings())
-
-    def begin_step(self, ctx: StepContext) -> None:
-        if ctx.step > 0:
-            self.pseudo.prepare(ctx)
-
-    def loss(self, batch: Batch, out, old_out: Optional[object], ctx: StepContext) -> Dict[str, Tensor]:
+    def distillation_terms(self, out, old_out, pseudo_labels: Tensor, ctx: StepContext) -> Dict[str, Tensor]:
         p = self.params
-        if ctx.step == 0:
-            return {"ce": cross_entropy(out.logits, batch.labels, reduction=p.reduction)}
-        old_logits = require_old_logits(old_out, self.name)
-        labels, adaptive = self.pseudo.pseudo_labels(batch.labels, old_logits, ctx.num_outputs,
-                                         keep_old_labels=not ctx.cfg.memory.reference_labels)
-        ce = cross_entropy(out.logits, labels, pixel_weight=adaptive if p.adaptive_factor else None,
-                           reduction=p.reduction)
         old_maps, new_maps = pod_maps(old_out), pod_maps(out)
         weights = [p.pod_factor] * (len(new_maps) - 1) + [p.pod_logits_factor]
         num_new = ctx.num_outputs - ctx.num_old
         pod = local_pod_loss(old_maps, new_maps, weights, num_classes_seen=ctx.num_outputs, num_new=num_new,
                              skip_unfit_scales=True)
-        return {"ce": ce, "pod": pod}
-
-    def state_dict(self) -> Dict[str, Any]:
-        state = self.pseudo.state_dict()
-        return {"pseudo_labels": state} if state else {}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        unknown = set(state) - {"pseudo_labels"}
-        if unknown:
-            raise ValueError(f"method 'plop': unknown state entries {sorted(unknown)}")
-        self.pseudo.load_state_dict(state.get("pseudo_labels", {}))
+        return {"pod": pod}

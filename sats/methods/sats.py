@@ -32,16 +32,15 @@ Switches:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 from torch import Tensor
 
 from sats.losses.attention import sats_attention_loss, sats_feature_loss
-from sats.losses.ce import cross_entropy
 from sats.losses.kd import unbiased_kd
-from sats.methods._pseudo import EntropyThresholds, ThresholdParams
-from sats.methods.base import Batch, Method, StepContext, register_method
-from sats.methods.lwf import check_weight, require_old_logits
+from sats.methods._pseudo import PseudoLabelMethod, ThresholdParams
+from sats.methods.base import StepContext, register_method
+from sats.methods.lwf import check_weight
 
 POOLINGS = ("class", "global", "none")
 SOURCES = ("attention", "features")
@@ -71,37 +70,24 @@ class SATSParams(ThresholdParams):
 
 
 @register_method
-class SATS(Method):
+class SATS(PseudoLabelMethod):
     """``L = CE(z, ỹ) + λ_kd·UNKD + λ_sat·L_SATS`` (terms ``ce``, ``unkd``, ``sat``); plain CE at step 0."""
 
     name = "sats"
     Params = SATSParams
-    uses_old_model = True
-    head_init = "background"
+    state_key = "thresholds"
 
     def __init__(self, params: Any = None) -> None:
         super().__init__(params)
         # the model is asked only for what the transfer reads: attention maps, or CNN features
         maps = frozenset({"attentions"}) if self.params.source == "attention" else frozenset({"stages", "decoder"})
         self.needs = self.old_needs = maps
-        self.thresholds = EntropyThresholds(self.params.threshold_settings())
 
-    def begin_step(self, ctx: StepContext) -> None:
-        if ctx.step > 0:
-            self.thresholds.prepare(ctx)
-
-    def loss(self, batch: Batch, out, old_out: Optional[object], ctx: StepContext) -> Dict[str, Tensor]:
+    def distillation_terms(self, out, old_out, pseudo_labels: Tensor, ctx: StepContext) -> Dict[str, Tensor]:
         p = self.params
-        if ctx.step == 0:
-            return {"ce": cross_entropy(out.logits, batch.labels, reduction=p.reduction)}
-        old_logits = require_old_logits(old_out, self.name)
-        pseudo, nu = self.thresholds.pseudo_labels(batch.labels, old_logits, ctx.num_outputs,
-                                             keep_old_labels=not ctx.cfg.memory.reference_labels)
         return {
-            "ce": cross_entropy(out.logits, pseudo, pixel_weight=nu if p.adaptive_factor else None,
-                                reduction=p.reduction),
-            "unkd": p.lambda_kd * unbiased_kd(out.logits, old_logits, reduction=p.reduction),
-            "sat": self._transfer_weight() * self._transfer(out, old_out, pseudo, ctx.num_outputs),
+            "unkd": p.lambda_kd * unbiased_kd(out.logits, old_out.logits, reduction=p.reduction),
+            "sat": self._transfer_weight() * self._transfer(out, old_out, pseudo_labels, ctx.num_outputs),
         }
 
     def _transfer_weight(self) -> float:
@@ -116,9 +102,3 @@ class SATS(Method):
                                        num_channels=pseudo_channels)
         new_maps, old_maps = [*out.stages, out.decoder], [*old_out.stages, old_out.decoder]
         return sats_feature_loss(new_maps, old_maps, pseudo, reference_divisor=4 if p.reference_feature_divisor else None)
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"thresholds": self.thresholds.state_dict()}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.thresholds.load_state_dict(state.get("thresholds", {}))
