@@ -699,11 +699,19 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                   iters=args.iters, warmup=args.warmup, device=args.device, amp=args.amp, threads=args.threads,
                   optimizer=args.optimizer, profile_dir=profile_dir)
              for b in args.backbones for s in args.sizes for m in resolve_methods(args.methods)]
+    return measure_and_write(specs, args, f"cost {' '.join(argv if argv is not None else sys.argv[1:])}", out,
+                             cost_markdown)
+
+
+def measure_and_write(specs: Sequence[Spec], args: argparse.Namespace, command: str, out: Path,
+                      markdown: Callable[[dict], str]) -> dict:
+    """Measure ``specs``, merge the rows into the JSON at ``out`` with this run's machine and command,
+    and rewrite its markdown rendering next to it (shared by ``cost`` and ``scaling``)."""
     env_before = environment(torch.device(args.device), args.threads)
     rows = run_specs(specs, args.isolate, args.repeats)
-    env = {**env_before, "loadavg_after": [round(x, 2) for x in os.getloadavg()], "command": "cost " + " ".join(argv if argv is not None else sys.argv[1:])}
+    env = {**env_before, "loadavg_after": [round(x, 2) for x in os.getloadavg()], "command": command}
     payload = merge_results(out, rows, env, KEY_FIELDS)
-    write_text_atomic(out.with_suffix(".md"), cost_markdown(payload))
+    write_text_atomic(out.with_suffix(".md"), markdown(payload))
     print(f"wrote {out} and {out.with_suffix('.md')}")
     return payload
 

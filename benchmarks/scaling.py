@@ -39,16 +39,13 @@ Results are merged into ``benchmarks/results/scaling-<device>.json`` and rendere
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from typing import Optional
 
 import torch
 
-from benchmarks.methods import (KEY_FIELDS, RESULTS_DIR, Spec, _fmt, add_common_arguments, environment, merge_results,
-                                resolve_methods, run_specs)
-from sats.engine.checkpoint import write_text_atomic
+from benchmarks.methods import RESULTS_DIR, Spec, _fmt, add_common_arguments, measure_and_write, resolve_methods
 
 #: (dataset, task, step) of the heads experiment, in table order
 HEAD_LAYOUTS: tuple[tuple[str, str, int], ...] = (
@@ -175,14 +172,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         specs += [Spec(backbone=args.backbone, size=size, method=m, **common)
                   for m in methods for size in args.sizes
                   if not any(x.key == Spec(backbone=args.backbone, size=size, method=m, **common).key for x in specs)]
-    env_before = environment(torch.device(args.device), args.threads)
-    rows = run_specs(specs, args.isolate, args.repeats)
-    env = {**env_before, "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-           "command": "scaling " + " ".join(argv if argv is not None else sys.argv[1:])}
-    payload = merge_results(out, rows, env, KEY_FIELDS)
-    write_text_atomic(out.with_suffix(".md"), scaling_markdown(payload))
-    print(f"wrote {out} and {out.with_suffix('.md')}")
-    return payload
+    return measure_and_write(specs, args, f"scaling {' '.join(argv if argv is not None else sys.argv[1:])}", out,
+                             scaling_markdown)
 
 
 if __name__ == "__main__":
