@@ -41,11 +41,17 @@ __all__ = [
 Pooling = Literal["class", "global", "none"]
 
 
+def _excluded(labels: Tensor, exclude: Sequence[int]) -> Tensor:
+    """Bool mask of the labels equal to one of ``exclude``."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    for value in exclude:
+        mask |= labels == value
+    return mask
+
+
 def _check_label_range(labels: Tensor, num_channels: int, exclude: Sequence[int]) -> None:
     """Raise if a label is neither a channel in ``[0, num_channels)`` nor excluded (one device sync)."""
-    bad = (labels < 0) | (labels >= num_channels)
-    for value in exclude:
-        bad &= labels != value
+    bad = ((labels < 0) | (labels >= num_channels)) & ~_excluded(labels, exclude)
     if bool(bad.any()):
         values = torch.unique(labels[bad]).tolist()[:10]
         raise ValueError(
@@ -90,9 +96,7 @@ def _channel_rows(labels: Tensor, num_channels: int, exclude: Sequence[int]) -> 
     """Labels as rows ``[0, K)``, excluded values → ``K`` (dropped); out-of-range labels fail a
     device-side assert (no host sync)."""
     labels = labels.long()
-    excluded = torch.zeros_like(labels, dtype=torch.bool)
-    for value in exclude:
-        excluded |= labels == value
+    excluded = _excluded(labels, exclude)
     valid = excluded | ((labels >= 0) & (labels < num_channels))
     torch._assert_async(valid.all(), f"sats_attention_loss: labels outside [0, {num_channels}) and exclude={tuple(exclude)}")
     return labels.masked_fill(excluded, num_channels)
@@ -130,9 +134,7 @@ def class_region_weights(
     if validate:
         _check_label_range(labels_small, num_channels, exclude)
     # Excluded / out-of-range labels go to a dummy row K that is dropped afterwards.
-    dropped = (labels_small < 0) | (labels_small >= num_channels)
-    for value in exclude:
-        dropped |= labels_small == value
+    dropped = (labels_small < 0) | (labels_small >= num_channels) | _excluded(labels_small, exclude)
     rows = labels_small.masked_fill(dropped, num_channels)
     batch, num_pixels = labels_small.shape
     one_hot = torch.zeros(batch, num_channels + 1, num_pixels, dtype=dtype, device=labels_small.device)

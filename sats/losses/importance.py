@@ -234,6 +234,11 @@ class ImportanceTracker:
                 )
             self.old_params[name] = old.detach()
 
+    @staticmethod
+    def _with_grads(named_params: NamedParams, tracked: Mapping[str, Tensor]) -> list[tuple[str, Tensor, Tensor]]:
+        """``(name, θ, g)`` of the parameters named in ``tracked`` that have a gradient."""
+        return [(name, p.detach(), p.grad) for name, p in named_params if p.grad is not None and name in tracked]
+
     def _require_running(self, what: str) -> None:
         if self.phase != "running":
             raise RuntimeError(f"{type(self).__name__}.{what}: call begin_step first (phase is {self.phase!r})")
@@ -286,13 +291,20 @@ class ImportanceTracker:
         self._scaled_diff = (key, scaled, value)
         return scaled, value
 
-    def penalty_value(self, named_params: NamedParams) -> Tensor:
-        """:meth:`penalty`'s value, detached: ``Σ_k ‖√Î_k·(θ_k − θ_k^old)‖²`` (shared with the gradient)."""
+    def _penalty_pass(self, named_params: NamedParams) -> tuple[list[Tensor], list[Tensor], list[Tensor], Tensor]:
+        """(penalised parameters, ``√Î``, ``√Î·(θ − θ_old)``, the penalty value); empty lists and a
+        zero value while the penalty is off."""
         named_params = list(named_params)
         device = named_params[0][1].device if named_params else None
         if not self.penalty_active:
-            return torch.zeros((), device=device)
-        return self._scaled_differences(*self._penalty_operands(named_params), device)[1]
+            return [], [], [], torch.zeros((), device=device)
+        params, olds, roots = self._penalty_operands(named_params)
+        scaled, value = self._scaled_differences(params, olds, roots, device)
+        return params, roots, scaled, value
+
+    def penalty_value(self, named_params: NamedParams) -> Tensor:
+        """:meth:`penalty`'s value, detached: ``Σ_k ‖√Î_k·(θ_k − θ_k^old)‖²`` (shared with the gradient)."""
+        return self._penalty_pass(named_params)[3]
 
     def add_penalty_grad_(self, named_params: NamedParams, weight: float) -> Tensor:
         """Add ``weight · ∂penalty/∂θ = 2·weight·Î·(θ − θ_old)`` to ``p.grad`` in place.
@@ -303,17 +315,13 @@ class ImportanceTracker:
         unweighted penalty value (detached) for logging; the ``√Î·(θ − θ_old)`` of
         the last :meth:`penalty_value` call is reused when no parameter changed since.
         """
-        named_params = list(named_params)
-        device = named_params[0][1].device if named_params else None
-        if not self.penalty_active:
-            return torch.zeros((), device=device)
-        params, olds, roots = self._penalty_operands(named_params)
-        scaled, value = self._scaled_differences(params, olds, roots, device)
-        with torch.no_grad():
-            for param in params:
-                if param.grad is None:
-                    param.grad = torch.zeros_like(param)
-            torch._foreach_addcmul_([p.grad for p in params], scaled, roots, value=2.0 * weight)
+        params, roots, scaled, value = self._penalty_pass(named_params)
+        if params:
+            with torch.no_grad():
+                for param in params:
+                    if param.grad is None:
+                        param.grad = torch.zeros_like(param)
+                torch._foreach_addcmul_([p.grad for p in params], scaled, roots, value=2.0 * weight)
         self._scaled_diff = None  # used once: the optimiser step changes θ next
         return value
 
@@ -388,13 +396,9 @@ class EWCImportance(ImportanceTracker):
             torch._foreach_mul_(fisher, 1.0 - self.alpha)
             torch._foreach_addcmul_(fisher, grads, grads, value=self.alpha)
 
-    def _with_grads(self, named_params: NamedParams) -> list[tuple[str, Tensor, Tensor]]:
-        """``(name, θ, g)`` of the tracked parameters that have a gradient."""
-        return [(name, p.detach(), p.grad) for name, p in named_params if p.grad is not None and name in self.fisher]
-
     def update(self, named_params: NamedParams) -> None:
         self._require_running("update")
-        tracked = self._with_grads(named_params)
+        tracked = self._with_grads(named_params, self.fisher)
         with torch.no_grad():
             self._update_fisher_([self.fisher[name] for name, _, _ in tracked], [g for _, _, g in tracked])
 
@@ -466,7 +470,7 @@ class RWImportance(EWCImportance):
 
     def update(self, named_params: NamedParams) -> None:
         self._require_running("update")
-        tracked = self._with_grads(named_params)
+        tracked = self._with_grads(named_params, self.fisher)
         with torch.no_grad():
             if self.count % self.score_interval == 0:
                 candidates = [item for item in tracked if item[0] in self.score]
@@ -586,7 +590,7 @@ class PathIntegral(ImportanceTracker):
 
     def update(self, named_params: NamedParams) -> None:
         self._require_running("update")
-        tracked = [(name, p.detach(), p.grad) for name, p in named_params if p.grad is not None and name in self.delta]
+        tracked = self._with_grads(named_params, self.delta)
         with torch.no_grad():
             walked = [item for item in tracked if item[0] in self.theta_prev]
             for name, theta, _ in tracked:

@@ -51,18 +51,19 @@ def pod_embedding(x: Tensor, scales: Sequence[int] = DEFAULT_SCALES) -> Tensor:
     up to float rounding). That is 2 instead of ``2 × len(scales)`` full-size reductions, and as
     many full-size gradients in the backward pass.
     """
-    if x.dim() != 4:
-        raise ValueError(f"pod_embedding: expected a (B, C, H, W) map, got {tuple(x.shape)}")
-    _check_scales(x.shape, scales)
+    _check_map(x, scales, "pod_embedding")
     return torch.cat([torch.cat([_flat_regions(w, "width"), _flat_regions(h, "height")], dim=3).flatten(1)
                       for w, h in _region_means(x.float().pow(2), scales)], dim=1)
 
 
-def _check_scales(shape: torch.Size, scales: Sequence[int]) -> None:
-    height, width = shape[-2:]
+def _check_map(x: Tensor, scales: Sequence[int], name: str) -> None:
+    """Raise unless ``x`` is ``(B, C, H, W)`` and every scale leaves non-empty regions."""
+    if x.dim() != 4:
+        raise ValueError(f"{name}: expected a (B, C, H, W) map, got {tuple(x.shape)}")
+    height, width = x.shape[-2:]
     for scale in scales:
         if scale < 1 or height // scale == 0 or width // scale == 0:
-            raise ValueError(f"pod_embedding: scale {scale} does not fit a {height}x{width} map")
+            raise ValueError(f"{name}: scale {scale} does not fit a {height}x{width} map")
 
 
 def _region_means(squared: Tensor, scales: Sequence[int]) -> list[tuple[Tensor, Tensor]]:
@@ -119,9 +120,7 @@ def pod_distance(old: Tensor, new: Tensor, scales: Sequence[int] = DEFAULT_SCALE
     """
     if old.shape != new.shape:
         raise ValueError(f"pod_distance: old map {tuple(old.shape)} and new map {tuple(new.shape)} differ")
-    if new.dim() != 4:
-        raise ValueError(f"pod_distance: expected (B, C, H, W) maps, got {tuple(new.shape)}")
-    _check_scales(new.shape, scales)
+    _check_map(new, scales, "pod_distance")
     difference = old.detach().float().square() - new.float().square()
     per_part = [torch.linalg.vector_norm(m, ord=2, dim=(1, 2, 3, 4))
                 for pair in _region_means(difference, scales) for m in pair]  # each (B,)
