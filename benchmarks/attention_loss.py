@@ -31,7 +31,7 @@ from sats.engine.checkpoint import write_json_atomic
 from sats.losses.attention import downsample_labels, sats_attention_loss
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-# MiT-B2: (heads, total stride, spatial-reduction ratio) per stage (METHODS.md §2.2).
+# MiT-B2: (heads, total stride, spatial-reduction ratio) per stage (docs/methods.md §2.2).
 MIT_B2_STAGES = ((1, 4, 8), (2, 8, 4), (5, 16, 2), (8, 32, 1))
 
 

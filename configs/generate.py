@@ -10,7 +10,7 @@ so a run lands in ``runs/<stem>``. Methods use ``-`` inside their token (``lwf-m
     .venv/bin/python configs/generate.py --check   # exit 1 if one is missing or differs
 
 The SSUL and memory ("-M") files in the same folders are written by hand, not here.
-Rows: METHODS.md §5.1 (VOC overlapped 15-1, 15-5, 5-3, 10-1), the extra baselines of §3 on
+Rows: docs/methods.md §5.1 (VOC overlapped 15-1, 15-5, 5-3, 10-1), the extra baselines of §3 on
 15-5 / 15-1, disjoint variants of 15-5 / 15-1, and the ADE20K scripts of §5.2.
 """
 
@@ -100,7 +100,7 @@ def _published(row: Row) -> str:
     if paper is None:
         return ""
     star = ", quoted from its original paper" if paper.quoted else ""
-    return (f"\n# Published (METHODS.md §5.1, row \"{paper.label}\" {paper.network}{star}): "
+    return (f"\n# Published (docs/methods.md §5.1, row \"{paper.label}\" {paper.network}{star}): "
             f"old {paper.old} / new {paper.new} / all {paper.all}.")
 
 

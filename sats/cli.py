@@ -1,6 +1,8 @@
 """The ``sats`` command: train, test, demo, list, data.
 
-    sats train CONFIG [key=value ...] [--steps 2:5] [reference flags: --task 15-1 --lr 0.001 ...]
+    sats train CONFIG [key=value ...] [--steps 2:5] [reference flags: --task 15-1 --step 1 --lr 0.001 ...]
+    sats train CONFIG [...] --test [--step N] [--ckpt PATH]      (the reference's test mode)
+    sats config CONFIG [key=value ...] [reference flags]          (print the resolved config as YAML)
     sats test RUN_DIR [--step N]
     sats demo [--quick] [--methods joint,ft,...]
     sats list methods|tasks|backbones [--dataset voc]
@@ -10,6 +12,12 @@
     sats visualize RUN_DIR [--images N] [--step S] [--start K | --ids A,B] [-o OUT.png]
     sats visualize RUN_DIR --tsne [--step S] [--per-class M] [--max-images N] [-o OUT.png]
     sats bench cost|scaling|accuracy|confusion|models|attention|all [options]   (source checkout)
+
+Errors are one message on stderr ("sats: error: ...", `-v` adds the traceback), also written to the
+run's train.log when one is open, and an exit code per kind (EXIT_CODES): 1 a check failed (`sats test`
+mismatch, `sats data check` found bad files), 2 usage or config error, 3 data error, 4 run directory
+or checkpoint error, 5 non-finite loss or gradient, 6 operating-system error (missing file,
+permissions, disk full), 128 + N stopped by signal N (the state is saved; run again to resume).
 """
 
 from __future__ import annotations
@@ -18,16 +26,32 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 log = logging.getLogger("sats")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each record (not the stream it was created with)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _setup_logging(verbose: bool = False) -> None:
     logger = logging.getLogger("sats")
     if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -35,32 +59,126 @@ def _setup_logging(verbose: bool = False) -> None:
 
 
 def parse_steps(text: Optional[str], num_steps: int) -> Optional[List[int]]:
-    """``"2"`` → [2]; ``"2:5"`` → [2, 3, 4, 5] (inclusive); ``"2:"`` → 2..last; None → all."""
+    """``"2"`` → [2]; ``"2:5"`` → [2, 3, 4, 5] (inclusive), ``"2:"`` → 2..last; ``"1,3"``; None: all."""
     if text is None:
         return None
-    if ":" in text:
-        lo, hi = text.split(":", 1)
-        first = int(lo) if lo else 0
-        last = int(hi) if hi else num_steps - 1
-        return list(range(first, last + 1))
-    return [int(text)]
+    steps: List[int] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        if ":" in item:
+            lo, hi = item.split(":", 1)
+            first = int(lo) if lo else 0
+            last = int(hi) if hi else num_steps - 1
+            steps += range(first, last + 1)
+        else:
+            steps.append(int(item))
+    return sorted(set(steps))
+
+
+def _steps_arg(text: Optional[str], num_steps: int) -> Optional[List[int]]:
+    try:
+        return parse_steps(text, num_steps)
+    except ValueError:
+        from sats.config import ConfigError
+
+        raise ConfigError(f"steps {text!r}: expected N, A:B (inclusive), A: or a comma-separated list") from None
+
+
+def _load_command_config(args: argparse.Namespace, extra: Sequence[str]):
+    """The resolved config of `sats train/config CONFIG [overrides and reference flags]`, and the parsed line."""
+    from sats.config import load_run_config, parse_command_line, reference_notes
+
+    if not str(args.config).endswith((".yaml", ".yml")) and any(str(e).endswith((".yaml", ".yml")) for e in extra):
+        from sats.config import ConfigError
+
+        raise ConfigError(f"{args.config!r} was read as the config file: put the config first "
+                          f"(`sats {args.command} CONFIG [key=value ...] [--flags ...]`)")
+    line = parse_command_line(list(extra))
+    if line.verbose:  # the reference's --debug
+        _setup_logging(True)
+    cfg = load_run_config(args.config, line.overrides, exclude_from_name=line.name_exclude, per_step=line.per_step)
+    for note in reference_notes(line, cfg):
+        log.info("%s", note)
+    return cfg, line
 
 
 def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from sats.config import load_config, parse_overrides
+    from sats.config import ConfigError
+
+    cfg, line = _load_command_config(args, extra)
+    if line.steps is not None and args.steps is not None:
+        raise ConfigError(f"give --steps {args.steps} or --step {line.steps}, not both")
+    steps_text = args.steps if args.steps is not None else line.steps
+    if line.test:
+        return _test_resolved_run(cfg, steps_text, line.ckpt)
+    if line.ckpt is not None:
+        raise ConfigError(f"--ckpt {line.ckpt} without --test: sats resumes a run from its own directory "
+                          f"({cfg.resolved_run_dir()}/checkpoints, written every epoch), so run the same command "
+                          "again to resume; to evaluate a checkpoint file add --test (`--test --ckpt PATH --step N`)")
     from sats.engine.runner import Runner
 
-    overrides = parse_overrides(list(extra))
-    step_flag = [o for o in overrides if o.startswith("step=")]
-    if step_flag:  # reference habit: --step N (handled as --steps N)
-        raise SystemExit("use --steps N (or --steps A:B); `sats train` runs every step by default")
-    cfg = load_config(args.config, overrides)
     runner = Runner(cfg)
-    rows = runner.run(parse_steps(args.steps, runner.num_steps))
+    if args.redo_step is not None:
+        runner.redo_from(args.redo_step)
+    rows = runner.run(_steps_arg(steps_text, runner.num_steps))
     if runner.dist.is_main:
         from sats.engine.results import markdown_table
 
-        print(markdown_table(runner._header(), rows))
+        print(markdown_table(runner.header(), rows))
+    return 0
+
+
+def _test_resolved_run(cfg, steps_text: Optional[str], ckpt: Optional[str]) -> int:
+    """`sats train CONFIG ... --test`: `sats test` on the config's run directory, or evaluate ``ckpt``."""
+    run_dir = cfg.resolved_run_dir()
+    if ckpt is not None:
+        return _test_checkpoint_file(cfg, steps_text, Path(ckpt))
+    from sats.engine.evaluation import retest_run
+    from sats.engine.results import load_rows
+    from sats.engine.rundir import RunError
+
+    if not (run_dir / "config.yaml").is_file():
+        raise RunError(f"--test: no run in {run_dir} (no config.yaml): train it first with the same command "
+                       "without --test, or give the run's name=/run_dir=")
+    if steps_text is None:
+        return 0 if retest_run(run_dir) else 1
+    recorded = sorted(load_rows(run_dir))
+    steps = _steps_arg(steps_text, (recorded[-1] + 1) if recorded else 1) or []
+    ok = True
+    for step in steps:
+        ok &= retest_run(run_dir, step=step)
+    return 0 if ok else 1
+
+
+def _test_checkpoint_file(cfg, steps_text: Optional[str], path: Path) -> int:
+    """`--test --ckpt PATH [--step N]`: evaluate one checkpoint file on the run's test images (reads only)."""
+    from sats.config import ConfigError
+    from sats.engine.checkpoint import load_checkpoint
+    from sats.engine.evaluation import CheckpointEvaluator
+    from sats.engine.results import markdown_table
+
+    if steps_text is not None and ("," in steps_text or ":" in steps_text):
+        raise ConfigError(f"--test --ckpt {path}: give one step (--step N), not {steps_text!r}")
+    if steps_text is not None:
+        step = int(steps_text)
+    else:  # the step the checkpoint records
+        step = load_checkpoint(path).get("step")
+        if not isinstance(step, int):
+            raise ConfigError(f"{path} records no step: give --step N")
+    evaluator = CheckpointEvaluator(cfg)
+    print(markdown_table(evaluator.header(), [evaluator.row(path, step)]))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    """Print the resolved, validated config as YAML (what `sats train` with the same arguments would run)."""
+    from omegaconf import OmegaConf
+
+    from sats.config import config_to_dict
+
+    cfg, _ = _load_command_config(args, extra)
+    print(OmegaConf.to_yaml(OmegaConf.create(config_to_dict(cfg))), end="")
     return 0
 
 
@@ -79,6 +197,14 @@ def cmd_demo(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return 0
 
 
+def _task_table(dataset: str) -> str:
+    """The dataset whose task table ``dataset`` uses (synthetic: VOC's), as the engine maps it."""
+    from sats.config import DataConfig
+    from sats.engine.data import task_dataset_name
+
+    return task_dataset_name(DataConfig(dataset=dataset))
+
+
 def cmd_list(args: argparse.Namespace, extra: Sequence[str]) -> int:
     if args.what == "methods":
         from sats.methods import iter_methods
@@ -87,10 +213,18 @@ def cmd_list(args: argparse.Namespace, extra: Sequence[str]) -> int:
             doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
             print(f"{cls.name:10s} {doc}")
     elif args.what == "tasks":
+        from sats.config import ConfigError
         from sats.data.tasks import get_task, list_tasks
 
-        for name in list_tasks(args.dataset):
-            task = get_task(args.dataset, name)
+        table = _task_table(args.dataset)
+        try:
+            names = list_tasks(table)
+        except ValueError as exc:
+            raise ConfigError(f"--dataset {args.dataset}: {exc}") from None
+        if table != args.dataset:
+            print(f"# {args.dataset} uses the {table} task table")
+        for name in names:
+            task = get_task(table, name)
             print(f"{name:14s} {task.num_steps:2d} steps  " + " | ".join(_span(s) for s in task.steps))
     else:
         from sats.models.config import BACKBONES
@@ -115,6 +249,7 @@ def cmd_data(args: argparse.Namespace, extra: Sequence[str]) -> int:
                                 size=(args.min_size, args.max_size), seed=args.seed)
         print(json.dumps(dataset_statistics(root), indent=1))
         return 0
+    from sats.config import ConfigError
     from sats.data.datasets import build_files, check_dataset, format_problems
 
     if args.config:
@@ -125,8 +260,12 @@ def cmd_data(args: argparse.Namespace, extra: Sequence[str]) -> int:
         files = [resolve_files(cfg.data, s) for s in ("train", "val")]
     else:
         if not (args.dataset and args.root):
-            raise SystemExit("sats data check needs CONFIG or --dataset and --root")
-        files = [build_files(args.dataset, args.root, s) for s in ("train", "val")]
+            raise ConfigError("sats data check needs CONFIG, or --dataset and --root")
+        _task_table(args.dataset)  # validates the dataset name
+        # the synthetic dataset is written in VOC layout (sats.engine.data.resolve_files reads it so); a check
+        # reads the folder as it is and never (re)generates it
+        layout = "voc" if args.dataset == "synthetic" else args.dataset
+        files = [build_files(layout, args.root, s) for s in ("train", "val")]
     bad = 0
     for f in files:
         problems = check_dataset(f, workers=args.workers)
@@ -207,36 +346,79 @@ def _visualize(args: argparse.Namespace) -> int:
     return 0
 
 
+_TRAIN_EPILOG = """\
+overrides: any config key as key.sub=value after CONFIG, e.g.
+  data.task=15-1 train.lr=0.002 method.name=mib method.lambda_kd=10 model.embed_dims=[8,16,16,32]
+  (every key and its default: sats/config.py, model keys sats/models/config.py, method keys each
+  method's Params; `sats config CONFIG [overrides]` prints the resolved config)
+
+run directory: output_dir/name, or run_dir=PATH. Unless name= or run_dir= is given, the name is
+the config's name plus what the overrides changed, e.g. demo-ft_task=15-1_lr=0.002 (keys that do
+not change results, such as log.* and data.workers, are left out; with --step, so are the per-step
+--lr/--epochs, so that the commands of one experiment share its run directory).
+
+"""
+
+
+def _add_verbose(sub: argparse.ArgumentParser) -> None:
+    """-v after the command too (`sats train CONFIG -v`); SUPPRESS keeps a `sats -v train` from being reset."""
+    sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                     help="debug logging; errors with their traceback")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sats", description="Continual semantic segmentation: SATS and its baselines.")
-    p.add_argument("-v", "--verbose", action="store_true")
+    from sats.config import reference_flag_help
+
+    p = argparse.ArgumentParser(prog="sats", description="Continual semantic segmentation: SATS and its baselines.",
+                                allow_abbrev=False)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging; errors with their traceback")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="run every step of an experiment (resumes a run directory)")
+    t = sub.add_parser("train", help="run every step of an experiment (resumes a run directory)",
+                       usage="sats train CONFIG [key.sub=value ...] [--steps S] [reference flags ...]",
+                       description="Run the steps of an experiment in its run directory (a second call resumes it).",
+                       epilog=_TRAIN_EPILOG + reference_flag_help(), allow_abbrev=False,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("config", help="YAML config (may use _base_)")
-    t.add_argument("--steps", help="steps to run: N, A:B (inclusive) or A:")
+    t.add_argument("--steps", help="steps to run: N, A:B (inclusive), A: or N,M (the reference's --step works too)")
+    t.add_argument("--redo-step", type=int, default=None, metavar="T",
+                   help="train step T and every later step again: their checkpoints and results are moved to "
+                        "RUN_DIR/checkpoints/discarded-<time>/ first (e.g. after a damaged checkpoint)")
+    _add_verbose(t)
     t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("config", help="print the resolved, validated config as YAML and exit",
+                       usage="sats config CONFIG [key.sub=value ...] [reference flags ...]",
+                       description="Print the config `sats train` would run with the same arguments (YAML).",
+                       epilog="overrides and reference flags as for `sats train` (`sats train --help`)",
+                       allow_abbrev=False)
+    c.add_argument("config", help="YAML config (may use _base_)")
+    _add_verbose(c)
+    c.set_defaults(func=cmd_config)
 
     e = sub.add_parser("test", help="re-evaluate the checkpoints of a run and compare with its results")
     e.add_argument("run_dir")
     e.add_argument("--step", type=int, default=None)
+    _add_verbose(e)
     e.set_defaults(func=cmd_test)
 
     d = sub.add_parser("demo", help="the embedded-dataset demo: joint, FT and the continual methods")
     d.add_argument("--output", default="runs/demo")
     d.add_argument("--methods", default=None, help="comma-separated subset of the demo's methods")
     d.add_argument("--quick", action="store_true", help="a much shorter schedule (smoke test)")
+    _add_verbose(d)
     d.set_defaults(func=cmd_demo)
 
     ls = sub.add_parser("list", help="list methods, tasks or backbones")
     ls.add_argument("what", choices=["methods", "tasks", "backbones"])
-    ls.add_argument("--dataset", default="voc")
+    ls.add_argument("--dataset", default="voc", help="tasks of voc | ade | synthetic (VOC's tasks)")
+    _add_verbose(ls)
     ls.set_defaults(func=cmd_list)
 
     da = sub.add_parser("data", help="dataset tools")
     da.add_argument("action", choices=["check", "synthetic"])
     da.add_argument("config", nargs="?", default=None)
-    da.add_argument("--dataset", default=None)
+    da.add_argument("--dataset", default=None, help="voc | ade | folder | synthetic (read in VOC layout)")
     da.add_argument("--root", default=None)
     da.add_argument("--workers", type=int, default=2)
     da.add_argument("--num-train", type=int, default=800)
@@ -244,11 +426,13 @@ def build_parser() -> argparse.ArgumentParser:
     da.add_argument("--min-size", type=int, default=64)
     da.add_argument("--max-size", type=int, default=112)
     da.add_argument("--seed", type=int, default=0)
+    _add_verbose(da)
     da.set_defaults(func=cmd_data)
 
     r = sub.add_parser("report", help="tables (markdown, CSV) and figures across run directories")
     r.add_argument("run_dirs", nargs="+", help="run directories (each with a results.json)")
     r.add_argument("-o", "--output", default="runs/report", help="output folder (default runs/report)")
+    _add_verbose(r)
     r.set_defaults(func=cmd_report)
 
     v = sub.add_parser("visualize", help="prediction grid after each step, or a t-SNE of decoder features")
@@ -264,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     v.add_argument("-o", "--output", default=None, help="PNG path (default RUN_DIR/figures/...)")
+    _add_verbose(v)
     v.set_defaults(func=cmd_visualize)
 
     bn = sub.add_parser("bench", help="benchmarks: method cost, scaling, accuracy (source checkout; "
@@ -273,23 +458,86 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: exit codes of the expected errors (module, class, code, hint); the first matching class wins, so a
+#: subclass (NonFiniteGradientError of NonFiniteLossError) comes before its base where they differ
+EXIT_CODES = (
+    ("sats.config", "ConfigError", 2, None),
+    ("sats.data.datasets", "DataError", 3,
+     "`sats data check CONFIG` lists every bad file at once; data.on_error=skip trains without them"),
+    ("sats.engine.runner", "NonFiniteLossError", 5,  # NonFiniteGradientError is one
+     "lower train.lr (train.lr_incremental at steps > 0) or set train.grad_clip"),
+    ("sats.engine.rundir", "RunError", 4, None),
+    ("sats.engine.checkpoint", "CheckpointError", 4,
+     "a damaged step or epoch checkpoint can be deleted: the run then redoes that part"),
+    ("sats.models.weights", "WeightsError", 4, "check model.pretrained and model.pretrained_format"),
+    ("sats.methods._importance", "MissingImportanceError", 4, None),
+    ("builtins", "OSError", 6, None),
+)
+EXIT_INTERRUPTED = 130  # Ctrl-C outside a run (a run's SIGINT/SIGTERM: RunInterrupted.exit_code)
+
+
+def _error_kind(exc: BaseException) -> Optional[tuple]:
+    import importlib
+
+    for module, name, code, hint in EXIT_CODES:
+        if isinstance(exc, getattr(importlib.import_module(module), name)):
+            return code, hint
+    return None
+
+
+def _log_to_files(level: int, message: str, exc: Optional[BaseException]) -> None:
+    """Write ``message`` (and the traceback) to the "sats" logger's file handlers only (a run's train.log):
+    stderr gets the one-line message from :func:`_report_error`, not a second copy from the stream handler."""
+    logger = logging.getLogger("sats")
+    files = [h for h in logger.handlers if isinstance(h, logging.FileHandler)]
+    if not files:
+        return
+    exc_info = (type(exc), exc, exc.__traceback__) if exc is not None else None
+    record = logger.makeRecord(logger.name, level, __file__, 0, message, (), exc_info)
+    for handler in files:
+        if record.levelno >= handler.level:
+            handler.handle(record)
+
+
+def _report_error(exc: BaseException, code: int, hint: Optional[str], verbose: bool) -> int:
+    message = str(exc).strip() or type(exc).__name__
+    _log_to_files(logging.ERROR, f"error: {message}", exc)
+    if verbose:
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    print(f"sats: error: {message}", file=sys.stderr)
+    if hint and not verbose:
+        print(f"sats: hint: {hint} (sats -v shows the traceback)", file=sys.stderr)
+    elif hint:
+        print(f"sats: hint: {hint}", file=sys.stderr)
+    return code
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from sats.config import ConfigError
     from sats.engine.signals import RunInterrupted
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    _setup_logging(args.verbose)
-    if extra and args.command not in ("train", "demo", "data", "bench"):
+    verbose = bool(getattr(args, "verbose", False)) or (args.command in ("train", "config") and "--debug" in extra)
+    _setup_logging(verbose)
+    if extra and args.command not in ("train", "config", "demo", "data", "bench"):
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
     try:
         return args.func(args, extra)
-    except ConfigError as exc:
-        print(f"sats: config error: {exc}", file=sys.stderr)
-        return 2
     except RunInterrupted as exc:  # SIGINT/SIGTERM: the state is saved; the message says how to resume
+        _log_to_files(logging.WARNING, str(exc), None)
         print(f"sats: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:
+        print("sats: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - only the expected kinds become messages; others re-raise
+        kind = _error_kind(exc)
+        if kind is None:
+            raise
+        code, hint = kind
+        if args.command == "data" or (hint and "data.on_error" in str(exc)):  # the message says it already
+            hint = None
+        return _report_error(exc, code, hint, verbose)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,4 +1,4 @@
-"""SATS attention-transfer loss (METHODS.md §3.13): hand-computed cases and the loop form."""
+"""SATS attention-transfer loss (docs/methods.md §3.13): hand-computed cases and the loop form."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from sats.losses.attention import (
     class_pooled_features,
     class_region_weights,
     downsample_labels,
+    plop_attention_loss,
     sats_attention_loss,
     sats_feature_loss,
 )
@@ -86,6 +87,29 @@ def test_hand_computed_no_pooling() -> None:
     # NP averages over every (pixel, head) row, so the layout bug cannot change it
     loss_ref = sats_attention_loss([new], [old], None, pooling="none", reference_layout=True)
     assert loss_ref.item() == pytest.approx(loss.item(), rel=1e-12)
+
+
+def test_hand_computed_plop_selfattn() -> None:
+    new, old, _ = _hand_attention()
+    no_pooling = 11 * math.sqrt(6) / 48  # test_hand_computed_no_pooling
+    # K_t = 16, |C^t| = 1 (VOC 15-1, step 1): 100 · sqrt(16) = 400
+    loss = plop_attention_loss([new], [old], num_classes_seen=16, num_new=1)
+    assert loss.item() == pytest.approx(400 * no_pooling, rel=1e-12)
+    # stages are averaged: an identical second stage halves it; K_t = 18, |C^t| = 2 → 100 · 3
+    same = torch.rand(1, 3, 4, 5, dtype=torch.float64)
+    two = plop_attention_loss([new, same], [old, same.clone()], num_classes_seen=18, num_new=2)
+    assert two.item() == pytest.approx(300 * no_pooling / 2, rel=1e-12)
+    assert plop_attention_loss([new], [old], 16, 1, factor=1.0).item() == pytest.approx(4 * no_pooling, rel=1e-12)
+    # gradient into the new maps only: d/dA of 400 · mean_rows ‖A_r − Ā_r‖ = 400/8 · (A_r − Ā_r)/‖A_r − Ā_r‖
+    a, b = new.clone().requires_grad_(True), old.clone().requires_grad_(True)
+    plop_attention_loss([a], [b], 16, 1).backward()
+    diff = (new - old)[0].reshape(8, 3)
+    norms = torch.linalg.vector_norm(diff, dim=1, keepdim=True)
+    expected = torch.where(norms > 0, 50 * diff / norms.clamp_min(1e-300), torch.zeros_like(diff))
+    torch.testing.assert_close(a.grad[0].reshape(8, 3), expected)
+    assert b.grad is None
+    with pytest.raises(ValueError, match="inconsistent"):
+        plop_attention_loss([new], [old], num_classes_seen=16, num_new=0)
 
 
 # --------------------------------------------------------------------------- loop form
@@ -221,6 +245,64 @@ def test_gradient_matches_finite_differences() -> None:
     assert torch.autograd.gradcheck(
         lambda a: sats_attention_loss([a], old, labels, reference_layout=True), (new[0],)
     )
+
+
+def _precision_case(near: bool, seed: int):
+    """Float32 softmax rows (B = 2, H = 2, 32×32 queries, M = 16) and labels with 2 classes, bg and 255.
+
+    ``near``: the old maps are the new ones plus 1e-4 noise, as late in training."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (2, 2, 32 * 32, 16)
+    new = torch.softmax(3 * torch.randn(shape, generator=gen, dtype=torch.float64), -1)
+    other = torch.softmax(3 * torch.randn(shape, generator=gen, dtype=torch.float64), -1)
+    old = new + 1e-4 * torch.randn(shape, generator=gen, dtype=torch.float64) if near else other
+    labels = torch.zeros(2, 32, 32, dtype=torch.long)
+    labels[:, :16, :16] = 1
+    labels[:, 16:, 8:] = 2
+    labels[1, :4] = 255
+    return new.float(), old.float(), labels
+
+
+def _float32_gradient_error(loss_fn, new: torch.Tensor, old: torch.Tensor) -> float:
+    """max |g32 − g64| / max |g64| for the gradient wrt ``new``; float64 from the same (float32) inputs."""
+    grads = []
+    for dtype in (torch.float32, torch.float64):
+        leaf = new.to(dtype).clone().requires_grad_(True)
+        loss_fn(leaf, old.to(dtype)).backward()
+        grads.append(leaf.grad.double())
+    g32, g64 = grads
+    return ((g32 - g64).abs().max() / g64.abs().max()).item()
+
+
+@pytest.mark.parametrize("near", [False, True], ids=["far", "near"])
+@pytest.mark.parametrize("pooling,reference_layout,compact", [
+    ("class", False, True), ("class", False, False), ("class", True, True), ("class", True, False),
+    ("global", False, None), ("global", True, None)])
+def test_float32_gradient_is_close_to_float64(pooling: str, reference_layout: bool, compact, near: bool) -> None:
+    """The difference is pooled (W·(A − Ā)), not the two maps: no cancellation of two nearly equal means.
+
+    Measured worst case over seeds 0–4, pooling the two maps separately → pooling the difference:
+    class 2.1e-6 → 4.5e-7 (far), 5.1e-3 → 4.3e-7 (near); global 1.3e-6 → 2.6e-7, 2.5e-3 → 1.6e-7."""
+    bound = 1e-5 if near else 1e-6
+    for seed in range(3):
+        new, old, labels = _precision_case(near, seed)
+        error = _float32_gradient_error(
+            lambda a, o: sats_attention_loss([a], [o], labels, pooling=pooling, reference_layout=reference_layout,
+                                             num_channels=3, compact=compact), new, old)
+        assert error < bound, f"seed {seed}: float32 gradient error {error:.2e}"
+
+
+def test_float32_feature_gradient_is_close_to_float64() -> None:
+    # features ~ N(1, 1), old = new + 1e-4 noise; measured 2.4e-2 → 1.9e-7 (pooling the difference)
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        new = torch.randn(2, 8, 32, 32, generator=gen, dtype=torch.float64) + 1
+        old = (new + 1e-4 * torch.randn(new.shape, generator=gen, dtype=torch.float64)).float()
+        labels = torch.zeros(2, 32, 32, dtype=torch.long)
+        labels[:, :16, :16] = 1
+        labels[:, 16:, 8:] = 2
+        error = _float32_gradient_error(lambda a, o: sats_feature_loss([a], [o], labels), new.float(), old)
+        assert error < 1e-5, f"seed {seed}: float32 gradient error {error:.2e}"
 
 
 # --------------------------------------------------------------------------- labels

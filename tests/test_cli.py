@@ -71,3 +71,62 @@ def test_quick_demo_runs_every_default_method(tmp_path, monkeypatch, capsys):
     summary = json.loads((tmp_path / "out/summary.json").read_text())
     assert set(summary["methods"]) == set(DEMO_METHODS)
     assert (tmp_path / "out/miou_per_step.png").stat().st_size > 1000
+
+
+def test_every_registered_method_has_a_demo_config():
+    from sats.config import load_config
+    from sats.methods import iter_methods
+
+    for cls in iter_methods():
+        if not cls.__module__.startswith("sats."):  # test-only methods registered by other test modules
+            continue
+        path = CONFIGS / "demo" / f"{cls.name}.yaml"
+        assert path.is_file(), f"no demo config for method {cls.name!r}: {path}"
+        assert load_config(path).method_name == cls.name
+
+
+def test_list_tasks_and_data_check_of_the_synthetic_dataset(tiny_synthetic, capsys):
+    assert main(["list", "tasks", "--dataset", "synthetic"]) == 0  # the VOC task table
+    out = capsys.readouterr().out
+    assert "15-1" in out and "6 steps" in out
+    assert main(["data", "check", "--dataset", "synthetic", "--root", str(tiny_synthetic)]) == 0  # VOC layout
+    out = capsys.readouterr().out
+    assert "train: 40 images, 0 bad" in out and "val: 12 images, 0 bad" in out
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o755), (0o027, 0o750)])
+def test_generated_dataset_folders_have_the_usual_permissions(tmp_path, umask, mode):
+    import os
+
+    from sats.data.synthetic import generate_synthetic
+
+    old = os.umask(umask)
+    try:
+        root = generate_synthetic(tmp_path / "syn", num_train=2, num_val=1, size=16)
+    finally:
+        os.umask(old)
+    for folder in (root, root / "JPEGImages", root / "SegmentationClassAug", root / "splits"):
+        assert folder.stat().st_mode & 0o777 == mode, folder
+
+
+def test_ensure_synthetic_logs_when_it_generates(tmp_path, caplog, monkeypatch):
+    import logging
+
+    from sats.data.synthetic import ensure_synthetic
+
+    logger = logging.getLogger("sats")  # propagate=False once `sats` set up its logging: listen on it directly
+    monkeypatch.setattr(logger, "propagate", False)
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="sats"):
+            ensure_synthetic(tmp_path / "syn", num_train=3, num_val=2, size=16)
+            generated = [r.getMessage() for r in caplog.records]
+            levels = {r.levelno for r in caplog.records}
+            caplog.clear()
+            ensure_synthetic(tmp_path / "syn", num_train=3, num_val=2, size=16)  # reused: silent
+            reused = [r.getMessage() for r in caplog.records]
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert generated[0] == f"generating the synthetic dataset (3 train / 2 val images) in {tmp_path / 'syn'} …"
+    assert len(generated) == 2 and generated[1].startswith("synthetic dataset ready in") and " s)" in generated[1]
+    assert levels == {logging.INFO} and reused == []

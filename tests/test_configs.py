@@ -57,7 +57,7 @@ def test_config_validates_and_matches_its_name(path: Path):
     assert cfg.model.pretrained  # every paper row starts from ImageNet weights
     if cfg.data.dataset == "ade":
         assert cfg.train.epochs == 60 and cfg.data.root.endswith("ADEChallengeData2016")
-    elif cfg.method_name != "ssul":  # SSUL trains 50 epochs (METHODS.md §4)
+    elif cfg.method_name != "ssul":  # SSUL trains 50 epochs (docs/methods.md §4)
         assert cfg.train.epochs == 30
 
 

@@ -1,4 +1,4 @@
-"""EWC / RW / PI importance trackers (METHODS.md §3.5–3.7) on hand-computed toy problems."""
+"""EWC / RW / PI importance trackers (docs/methods.md §3.5–3.7) on hand-computed toy problems."""
 
 from __future__ import annotations
 

@@ -51,7 +51,7 @@ def masks(task: Task):
 
 
 def reference_label(task: Task, step: int, table: str, value: int) -> int:
-    """The rule of METHODS.md §1.5 for one pixel, written out."""
+    """The rule of docs/methods.md §1.5 for one pixel, written out."""
     if value == IGNORE or value >= task.num_classes:
         return IGNORE
     kept: Sequence[int] = task.new_classes(step) if table in ("train", "val") else task.seen_classes(step)

@@ -1,4 +1,4 @@
-"""Lookup tables raw value → channel (METHODS.md §1.5) and their application."""
+"""Lookup tables raw value → channel (docs/methods.md §1.5) and their application."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CE / UNCE / multi-label BCE / KD / UNKD / BCE-KD / MSE against hand-written formulas (METHODS.md §3.1-3.4, §3.8)."""
+"""CE / UNCE / multi-label BCE / KD / UNKD / BCE-KD / MSE against hand-written formulas (docs/methods.md §3.1-3.4, §3.8)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Exemplar memory, the "-M" variants (METHODS.md §3.12): selection, storage, batching, runs."""
+"""Exemplar memory, the "-M" variants (docs/methods.md §3.12): selection, storage, batching, runs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The distillation methods LwF, LwF-MC, ILT, MiB and PLOP (METHODS.md §3.2–3.4, 3.8, 3.9).
+"""The distillation methods LwF, LwF-MC, ILT, MiB and PLOP (docs/methods.md §3.2–3.4, 3.8, 3.9).
 
 Hand-computed loss terms on tiny hand-built model outputs, PLOP's threshold cache (written, reused
 without a data pass, invalidated by a new old checkpoint), and two-step tiny runs end to end.

@@ -1,4 +1,4 @@
-"""EWC / RW / PI (METHODS.md §3.5–3.7) on the engine: two-step runs, resume, the missing-importance
+"""EWC / RW / PI (docs/methods.md §3.5–3.7) on the engine: two-step runs, resume, the missing-importance
 guard, and the order of the importance update and the penalty gradient (hand-computed)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""PLOP local POD: hand-computed embedding, vectorised == loop definition, logit collapse, full loss (METHODS.md §3.9)."""
+"""PLOP local POD: hand-computed embedding, vectorised == loop definition, logit collapse, full loss (docs/methods.md §3.9)."""
 
 from __future__ import annotations
 
@@ -110,6 +110,19 @@ def test_local_pod_loss_errors():
         local_pod_loss(a[:1], a[:1], [1.0, 1.0], 4, 1)
     with pytest.raises(ValueError, match="same number"):
         local_pod_loss(a, a[:1], 1.0, 4, 1)
+
+
+def test_square_map_smaller_than_a_scale_drops_only_that_scale():
+    """A square map smaller than a scale: the reference's regions there are empty (side ⌊w/s⌋ = 0) and
+    add nothing, no NaN; ``skip_unfit_scales`` gives the same loss. Without it the scale is an error."""
+    old = torch.zeros(1, 1, 2, 2)
+    new = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 1, 2, 2)  # squared [[1, 4], [9, 16]]
+    # scale 1: width means [2.5, 12.5], height means [5, 10]; scale 2: every 1×1 region twice (width, height)
+    expected = math.sqrt(2.5**2 + 12.5**2 + 5**2 + 10**2 + 2 * (1 + 16 + 81 + 256))
+    loss = local_pod_loss([old], [new], 1.0, 4, 4, scales=(1, 2, 4), skip_unfit_scales=True)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="scale 4 does not fit a 2x2 map"):
+        local_pod_loss([old], [new], 1.0, 4, 4, scales=(1, 2, 4))
 
 
 def test_gradients_flow_to_new_maps_only():

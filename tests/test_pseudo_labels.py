@@ -1,4 +1,4 @@
-"""Entropy pseudo-labels: uncertainty scalings, histogram medians (correct and reference), relabelling (METHODS.md §3.9)."""
+"""Entropy pseudo-labels: uncertainty scalings, histogram medians (correct and reference), relabelling (docs/methods.md §3.9)."""
 
 from __future__ import annotations
 

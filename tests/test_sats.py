@@ -93,13 +93,18 @@ def test_gradient_reaches_new_attention_parameters_and_not_the_old_model():
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in new.classifier.parameters())
 
 
-def test_reference_layout_switch_changes_the_loss_only_with_several_heads():
+def _perturbed_attention():
+    """A batch and the attention outputs of a new model (encoder nudged away from the old one) and the old one."""
     new, old = _models()
     with torch.no_grad():
         for p in new.encoder.parameters():
             p.add_(0.05 * torch.randn_like(p))
     batch = _batch()
-    out, old_out = new(batch.images, need={"attentions"}), old(batch.images, need={"attentions"})
+    return batch, new(batch.images, need={"attentions"}), old(batch.images, need={"attentions"})
+
+
+def test_reference_layout_switch_changes_the_loss_only_with_several_heads():
+    batch, out, old_out = _perturbed_attention()
     values = {}
     for ref in (False, True):
         m = _method(reference_attention_layout=ref, lambda_kd=0.0)
@@ -121,8 +126,59 @@ def test_ablation_weights_and_bad_values():
     assert features.needs == frozenset({"stages", "decoder"})
     with pytest.raises(ConfigError, match="pooling"):
         validate_method_config({"name": "sats", "pooling": "max"})
+    with pytest.raises(ConfigError, match="pooling=class only"):
+        validate_method_config({"name": "sats", "source": "features", "pooling": "plop"})
     with pytest.raises(ConfigError, match="lambda_sat"):
         validate_method_config({"name": "sats", "lambda_sat": -1.0})
+
+
+def test_reference_ablation_weight_gives_lambda_only_to_class_pooled_attention():
+    """The release multiplies only ``sats-selfattn`` by λ_sat (docs/methods.md §6 item 23): the CNN-feature
+    variant (class pooling, source=features) gets weight 1 too."""
+    def weight(**params):
+        return _method(lambda_sat=20.0, reference_ablation_weight=True, **params)._transfer_weight()
+
+    assert weight(source="features", pooling="class") == 1.0
+    assert weight(source="attention", pooling="class") == 20.0
+    assert weight(pooling="none") == weight(pooling="global") == weight(pooling="plop") == 1.0
+    # without the switch every variant gets λ_sat (the bytecode's weighting)
+    for params in ({"source": "features"}, {"pooling": "none"}, {"pooling": "global"}, {"pooling": "plop"}):
+        assert _method(lambda_sat=20.0, **params)._transfer_weight() == 20.0
+
+
+def test_plop_selfattn_term_is_the_scaled_per_row_distance():
+    batch, out, old_out = _perturbed_attention()
+    no_pooling = sats_attention_loss(out.attentions, old_out.attentions, None, pooling="none")
+    for reference_weight, lam in ((True, 1.0), (False, 3.0)):
+        method = _method(pooling="plop", lambda_sat=3.0, lambda_kd=0.0, reference_ablation_weight=reference_weight)
+        assert method.needs == frozenset({"attentions"})
+        method.pseudo.thresholds = torch.full((3,), 1.01)
+        sat = method.loss(batch, out, old_out, _Ctx(1, 3, 5))["sat"]
+        # K_t = 5 channels, |C^t| = 2 new classes: 100 · sqrt(5 / 2) times the NP value
+        assert sat.item() == pytest.approx(lam * 100 * math.sqrt(5 / 2) * no_pooling.item(), rel=1e-6)
+        assert sat.item() > 0
+
+
+def test_plop_selfattn_ablation_configs_load():
+    from conftest import CONFIGS
+
+    for task in ("15-1", "15-5"):
+        path = CONFIGS / "voc" / "ablations" / f"sats-plop-selfattn_mit-b2_voc-{task}.yaml"
+        cfg = load_config(path)
+        assert cfg.name == path.stem and cfg.data.task == task and cfg.method_name == "sats"
+        assert cfg.model.backbone == "mit_b2" and cfg.data.overlap and not cfg.memory.enabled
+        assert cfg.method["pooling"] == "plop" and cfg.method["reference_ablation_weight"] is True
+        assert build_method(validate_method_config(dict(cfg.method)))._transfer_weight() == 1.0
+
+
+def test_plop_selfattn_trains_one_tiny_step(tiny_run):
+    cfg = tiny_run("sats", config="demo/sats.yaml", **{"method.pooling": "plop",
+                                                       "method.reference_ablation_weight": True})
+    rows = Runner(cfg).run()
+    losses = rows[1]["epoch_losses"]
+    assert set(losses) == {"ce", "unkd", "sat"}
+    assert all(math.isfinite(v) for vs in losses.values() for v in vs)
+    assert losses["sat"][-1] > 0  # zero at the first iteration (the new model is a copy), then not
 
 
 def test_step0_is_plain_ce_and_shared_with_ft():

@@ -1,4 +1,4 @@
-"""Per-step image selection (METHODS.md §1.4), its caches, and reference index import."""
+"""Per-step image selection (docs/methods.md §1.4), its caches, and reference index import."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import sats.data.splits as splits_module
-from data_helpers import class_mask, write_voc
+from data_helpers import class_mask, save_mask, write_voc
 from sats.data.classes import ADE_CLASSES, VOC_CLASSES
 from sats.data.datasets import DataError, SegmentationFiles, build_files
 from sats.data.splits import class_presence, compute_splits, import_reference_splits
@@ -61,9 +61,7 @@ def test_overlapped_and_disjoint_selection(tiny: tuple[SegmentationFiles, Segmen
         assert all(s.train.dtype == np.int64 for s in result)
 
 
-def test_presence_cache_reused_and_invalidated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cache = tmp_path / "cache"
-    first = build_files("voc", make_voc(tmp_path / "d1", TRAIN, VAL), "train")
+def _count_scans(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     original = SegmentationFiles.mask_classes
 
@@ -72,25 +70,39 @@ def test_presence_cache_reused_and_invalidated(tmp_path: Path, monkeypatch: pyte
         return original(self, i)
 
     monkeypatch.setattr(SegmentationFiles, "mask_classes", counting)
+    return calls
+
+
+def test_presence_cache_is_keyed_by_mask_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    cache = tmp_path / "cache"
+    first = build_files("voc", make_voc(tmp_path / "d1", TRAIN, VAL), "train")
+    calls = _count_scans(monkeypatch)
     presence = class_presence(first, cache, progress=False)
     assert len(calls) == 8
-    np.testing.assert_array_equal(class_presence(first, cache, progress=False), presence)
+    np.testing.assert_array_equal(class_presence(build_files("voc", first.root, "train"), cache, progress=False),
+                                  presence)
     assert len(calls) == 8  # served from the cache
-    # same number of files, different ids and content → different digest → rescanned
+    # other names, same mask bytes (reversed): the entries are found by content
     renamed = {f"x{k}": v for k, v in zip(range(8), reversed(list(TRAIN.values())))}
     second = build_files("voc", make_voc(tmp_path / "d2", renamed, VAL), "train")
-    assert len(second) == len(first) and second.list_digest != first.list_digest
     np.testing.assert_array_equal(class_presence(second, cache, progress=False), presence[::-1])
-    assert len(calls) == 16
-    # a cache file whose stored ids disagree with the list is recomputed, not reused
-    path = next(cache.glob(f"presence_voc_train_{first.list_digest[:16]}.npz"))
-    with np.load(path) as data:
-        stored = dict(data)
-    stored["ids"] = np.asarray([f"other{i}" for i in range(8)])
-    stored["presence"] = np.zeros_like(stored["presence"])
-    np.savez(path, **stored)
-    np.testing.assert_array_equal(class_presence(first, cache, progress=False), presence)
-    assert len(calls) == 24
+    assert len(calls) == 8
+    # the same names with other contents: every mask is scanned again, with a line saying why
+    masks = {k: class_mask(v, height=10 if k != "t7" else 12) for k, v in {**TRAIN, **VAL}.items()}
+    third = build_files("voc", write_voc(tmp_path / "d3", masks, {"train": list(TRAIN), "val": list(VAL)}), "train")
+    assert third.list_digest == first.list_digest
+    with caplog.at_level("INFO", logger="sats"):
+        got = class_presence(third, cache, progress=False)
+    assert sorted(calls[8:]) == [0, 1, 2, 3, 4, 5, 6]  # t7 kept its content
+    assert "7 of 8 masks are not in the cache" in caplog.text
+    np.testing.assert_array_equal(got, presence)
+    # a store of another format is not used
+    [store] = cache.glob("presence_k21.npz")
+    np.savez(store, hashes=np.asarray(["x"]), presence=np.zeros((1, 21), bool), version=np.asarray("old"))
+    np.testing.assert_array_equal(class_presence(build_files("voc", first.root, "train"), cache, progress=False),
+                                  presence)
+    assert len(calls) == 7 + 8 + 8
 
 
 def test_presence_reports_all_bad_masks(tmp_path: Path) -> None:
@@ -102,37 +114,18 @@ def test_presence_reports_all_bad_masks(tmp_path: Path) -> None:
     assert "t2.png: missing mask file" in str(info.value) and "t5.png: unreadable" in str(info.value)
 
 
-def test_split_cache(tiny: tuple[SegmentationFiles, SegmentationFiles], tmp_path: Path,
-                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_splits_follow_an_edited_mask(tiny: tuple[SegmentationFiles, SegmentationFiles], tmp_path: Path) -> None:
+    """A mask edited in place changes the next start's splits (no stale split list)."""
     train, val = tiny
     task = get_task("voc", "toy", order=STEPS)
     cache = tmp_path / "cache"
-    computed = compute_splits(train, val, task, overlap=True, cache_dir=cache, progress=False)
-    [path] = cache.glob("splits_voc_toy_ov_*.npz")
-    with np.load(path) as data:
-        assert data["train_ids_2"].tolist() == ["t3", "t6", "t7"]
-
-    def no_scan(*args: object, **kwargs: object) -> np.ndarray:
-        raise AssertionError("class_presence called although the split cache is valid")
-
-    monkeypatch.setattr(splits_module, "class_presence", no_scan)
-    cached = compute_splits(train, val, task, overlap=True, cache_dir=cache, progress=False)
-    assert as_lists(cached, "train") == as_lists(computed, "train")
-    assert as_lists(cached, "test") == as_lists(computed, "test")
-    # the disjoint protocol and another task get their own entries (here: need a scan)
-    with pytest.raises(AssertionError, match="class_presence called"):
-        compute_splits(train, val, task, overlap=False, cache_dir=cache, progress=False)
-    with pytest.raises(AssertionError, match="class_presence called"):
-        compute_splits(train, val, get_task("voc", "toy", order=[[0, 1], [2]]), overlap=True,
-                       cache_dir=cache, progress=False)
-    monkeypatch.undo()
-    # stored ids that no longer match the positions → recomputed
-    with np.load(path) as data:
-        stored = dict(data)
-    stored["train_0"] = np.array([2, 3], dtype=np.int64)
-    np.savez(path, **stored)
-    assert as_lists(compute_splits(train, val, task, overlap=True, cache_dir=cache, progress=False),
-                    "train") == as_lists(computed, "train")
+    before = compute_splits(train, val, task, overlap=True, cache_dir=cache, progress=False)
+    assert 2 not in as_lists(before, "train")[2]
+    save_mask(train.mask_paths[2], class_mask([0, 5]))  # t2 now holds class 5 (step 2) instead of 3
+    edited = build_files("voc", train.root, "train")
+    after = compute_splits(edited, build_files("voc", val.root, "val"), task, overlap=True, cache_dir=cache,
+                           progress=False)
+    assert 2 in as_lists(after, "train")[2] and 2 not in as_lists(after, "train")[1]
 
 
 def test_compute_splits_class_count_mismatch(tiny: tuple[SegmentationFiles, SegmentationFiles]) -> None:

@@ -1,4 +1,4 @@
-"""SSUL (METHODS.md §2.5, §3.11): label shift, old-model/saliency labels, prediction, freezing, saliency sources."""
+"""SSUL (docs/methods.md §2.5, §3.11): label shift, old-model/saliency labels, prediction, freezing, saliency sources."""
 
 from __future__ import annotations
 
@@ -69,6 +69,30 @@ def test_labels_from_old_model_and_saliency_on_a_hand_built_case():
     # step 0 (no old model): saliency alone; without saliency only the shift
     assert ssul_labels(labels, None, saliency).view(-1).tolist() == [1, 1, 1, 0, 4, IGN, 2, 0]
     assert ssul_labels(labels, None, None).view(-1).tolist() == [0, 0, 0, 0, 4, IGN, 2, 0]
+
+
+def test_reference_unknown_rule_needs_every_channel_unconfident():
+    # 1×1×2×2, every pixel salient and labelled 0; old channels [bg, unknown, class 1, class 2]
+    old = torch.tensor([
+        [3, -5, -5, -5],    # (0, 0): background confident (σ 0.95)
+        [-5, 3, -5, -5],    # (0, 1): unknown confident
+        [-5, -5, -5, -1],   # (1, 0): nothing confident (max σ 0.27)
+        [-5, -5, -5, 3],    # (1, 1): old class 2 confident → model channel 3 under both rules
+    ], dtype=torch.float32).t().reshape(1, 4, 2, 2)
+    labels = torch.zeros(1, 2, 2, dtype=torch.long)
+    saliency = torch.full((1, 2, 2), 0.9)
+    # SSUL's rule (default): unknown wherever no old class is confident
+    assert ssul_labels(labels, old, saliency).tolist() == [[[1, 1], [1, 3]]]
+    # the reference: a salient pixel the old model confidently calls background / unknown stays background
+    assert ssul_labels(labels, old, saliency, reference_unknown_rule=True).tolist() == [[[0, 0], [1, 3]]]
+    # through the method: the switch reaches the BCE target
+    z = torch.tensor([0.5, -1.0, 2.0, 0.0, 1.0]).view(1, 5, 1, 1)
+    batch = Batch(torch.zeros(1, 3, 1, 1), torch.tensor([[[0]]]), saliency=torch.tensor([[[0.9]]]))
+    old_bg = ModelOutput(logits=torch.tensor([3.0, -5.0, -5.0, -5.0]).view(1, 4, 1, 1))
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    for params, one_hot in (({}, [0.0, 1, 0, 0, 0]), ({"reference_unknown_rule": True}, [1.0, 0, 0, 0, 0])):
+        terms = ssul(**params).loss(batch, ModelOutput(logits=z), old_bg, ctx_for(1))
+        assert torch.allclose(terms["bce"], bce(z.view(5), torch.tensor(one_hot), reduction="sum"))
 
 
 def test_loss_is_bce_on_the_shifted_targets_and_predict_maps_back():

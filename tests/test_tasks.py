@@ -1,4 +1,4 @@
-"""Task tables (METHODS.md §1.3), the "B-I" parser, explicit orders and report groups."""
+"""Task tables (docs/methods.md §1.3), the "B-I" parser, explicit orders and report groups."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Train augmentation (METHODS.md §4) and evaluation preprocessing (§1.7)."""
+"""Train augmentation (docs/methods.md §4) and evaluation preprocessing (§1.7)."""
 
 from __future__ import annotations
 
@@ -82,8 +82,8 @@ def test_crop_attempts_statistics() -> None:
     areas = np.array([h * w / (500 * 375) for _, _, h, w in boxes])
     whole = np.mean([b == (0, 0, 375, 500) for b in boxes])
     assert areas.min() > 0.49 and areas.max() <= 1.0
-    assert 0.6 < areas.mean() < 0.72   # METHODS §4: mean ≈ 0.66
-    assert 0.10 < whole < 0.20         # METHODS §4: whole-image fallback ≈ 15 %
+    assert 0.6 < areas.mean() < 0.72   # docs/methods.md §4: mean ≈ 0.66
+    assert 0.10 < whole < 0.20         # docs/methods.md §4: whole-image fallback ≈ 15 %
 
 
 def test_flip_happens_both_ways() -> None:

@@ -1,6 +1,6 @@
 """Class names and colour palettes of the supported datasets.
 
-Class index = mask value for both datasets (METHODS.md §1.2, Appendix B).
+Class index = mask value for both datasets (docs/methods.md §1.2, Appendix B).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Image/mask file lists of a dataset split, validated reading, and the per-step dataset.
 
-Layouts (METHODS.md §1.2, spec/splits/README.md):
+Layouts (docs/methods.md §1.2):
 
 * ``voc``: ``root/splits/train_aug.txt`` (split "train") or ``root/splits/<split>.txt``,
   one ``image_rel_path mask_rel_path`` pair per line relative to ``root`` (a
@@ -32,10 +32,11 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from sats.data.classes import IGNORE_INDEX, class_names as builtin_class_names, make_palette
+from sats.data.fingerprint import combine, file_fingerprints
 from sats.data.labels import LUT_SIZE, apply_lut
+from sats.progress import progress_bar
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 MASK_MODES = ("P", "L")  # palette masks are read as indices, "L" as values
@@ -116,7 +117,9 @@ class SegmentationFiles:
     """The ordered image/mask list of one split of a dataset.
 
     Position ``i`` (0-based) is the index used by split lists; ``ids[i]`` is the
-    image id (file stem). ``list_digest`` identifies the exact ordered list.
+    image id (file stem). ``list_digest`` identifies the exact ordered list (names only);
+    :meth:`fingerprint` adds the content of every file (:mod:`sats.data.fingerprint`), which
+    is what caches are keyed by.
     """
 
     def __init__(self, name: str, root: str | os.PathLike[str], split: str, ids: Sequence[str],
@@ -140,6 +143,9 @@ class SegmentationFiles:
         self.class_names = list(class_names)
         self.palette = make_palette(num_classes) if palette is None else np.asarray(palette, np.uint8)
         self.list_digest = self._digest()
+        self.mask_hashes: list[str | None] | None = None  # set by fingerprint()
+        self.image_hashes: list[str | None] | None = None
+        self.content_digest: str | None = None
         valid = np.zeros(LUT_SIZE, dtype=bool)
         valid[:num_classes] = True
         valid[IGNORE_INDEX] = True
@@ -163,6 +169,37 @@ class SegmentationFiles:
         for image_id, image, mask in zip(self.ids, self.image_paths, self.mask_paths):
             sha.update(f"{image_id}\t{self._relative(image)}\t{self._relative(mask)}\n".encode())
         return sha.hexdigest()
+
+    def fingerprint(self, cache_dir: str | os.PathLike[str] | None = None, workers: int = 2) -> str:
+        """Content digest of the list: names, class count and the bytes of every image and mask.
+
+        Computed once (files whose stat is unchanged since the memo in ``cache_dir`` are not
+        read again) and kept in ``mask_hashes``, ``image_hashes`` and ``content_digest``.
+        Independent of the dataset root: a copy elsewhere has the same digest.
+        """
+        if self.content_digest is None:
+            hashes = file_fingerprints([*self.mask_paths, *self.image_paths], cache_dir, workers)
+            self.set_fingerprints(hashes[:len(self)], hashes[len(self):])
+        assert self.content_digest is not None
+        return self.content_digest
+
+    def set_fingerprints(self, mask_hashes: Sequence[str | None], image_hashes: Sequence[str | None]) -> None:
+        """Adopt known per-file hashes (e.g. of the full list this one is a subset of)."""
+        if not len(mask_hashes) == len(image_hashes) == len(self):
+            raise ValueError(f"{len(mask_hashes)} mask and {len(image_hashes)} image hashes for {len(self)} files")
+        self.mask_hashes, self.image_hashes = list(mask_hashes), list(image_hashes)
+        self.content_digest = combine([*self.mask_hashes, *self.image_hashes], self.list_digest,
+                                      str(self.num_classes))
+
+    def positions_digest(self, positions: Sequence[int] | np.ndarray) -> str:
+        """Content digest of the entries ``positions`` (ids, masks, images): a step's share of the list."""
+        if self.mask_hashes is None or self.image_hashes is None:
+            raise RuntimeError(f"{self!r}: call fingerprint() before positions_digest()")
+        parts: list[str | None] = []
+        for i in positions:
+            i = int(i)
+            parts += [self.ids[i], self.mask_hashes[i], self.image_hashes[i]]
+        return combine(parts, str(self.num_classes))
 
     def read_image(self, i: int) -> Image.Image:
         """Fully decoded RGB image at position ``i``; DataError naming the file on any problem."""
@@ -358,8 +395,7 @@ def check_dataset(files: SegmentationFiles, workers: int = 2, progress: bool = T
     problems: list[DataProblem] = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = pool.map(lambda i: _check_one(files, i), indices)
-        for found in tqdm(results, total=len(indices), desc=f"check {files.name}/{files.split}",
-                          disable=not progress, leave=False):
+        for found in progress_bar(results, progress, f"check {files.name}/{files.split}", total=len(indices)):
             problems.extend(found)
     return problems
 

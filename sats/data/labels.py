@@ -1,4 +1,4 @@
-"""Lookup tables from raw mask values to output channels (METHODS.md §1.5).
+"""Lookup tables from raw mask values to output channels (docs/methods.md §1.5).
 
 Every table is a numpy uint8 array of length 256 indexed by the raw mask value.
 A kept class maps to its channel (its position in ``task.channel_classes``),

@@ -1,4 +1,4 @@
-"""Exemplar memory of the "-M" variants: class-balanced selection, storage by image id (METHODS.md §3.12).
+"""Exemplar memory of the "-M" variants: class-balanced selection, storage by image id (docs/methods.md §3.12).
 
 The memory of step ``t > 0`` holds, for every old foreground class ``c ∈ C^{0:t−1} \\ {0}``, a list
 of at most ``k`` training images containing ``c``:

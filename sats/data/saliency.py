@@ -1,4 +1,4 @@
-"""Saliency maps for SSUL's "unknown" class (METHODS.md §2.5, §3.11).
+"""Saliency maps for SSUL's "unknown" class (docs/methods.md §2.5, §3.11).
 
 SSUL labels the salient, otherwise unlabelled pixels of a training image as "unknown".
 Two ways to get the saliency of an image:
@@ -161,8 +161,8 @@ def write_saliency_from_masks(files: SegmentationFiles, out_dir: str | os.PathLi
 def ensure_saliency_from_masks(files: SegmentationFiles, out_dir: str | os.PathLike[str], fingerprint: str) -> Path:
     """Mask-derived maps for every image of ``files`` in ``out_dir``, rewritten when ``fingerprint`` changed.
 
-    ``fingerprint`` identifies the masks (e.g. the synthetic dataset's generation arguments); it is
-    kept in ``<out_dir>/saliency.json``, so a regenerated dataset never meets stale maps.
+    ``fingerprint`` identifies the masks by content (``SegmentationFiles.fingerprint()``); it is
+    kept in ``<out_dir>/saliency.json``, so a regenerated or edited dataset never meets stale maps.
     """
     out = Path(out_dir)
     stamp = out / _STAMP

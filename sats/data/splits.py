@@ -1,4 +1,4 @@
-"""Which images each step uses (METHODS.md §1.4), computed from a cached class-presence scan.
+"""Which images each step uses (docs/methods.md §1.4), computed from a cached class-presence scan.
 
 Rules (raw class ids; 0 and 255 never count as "present"):
 
@@ -7,15 +7,12 @@ Rules (raw class ids; 0 and 255 never count as "present"):
 * val (per-epoch validation): overlapped rule with C_s on the val split;
 * test (end of step s): overlapped rule with C^{0:s} on the val split.
 
-Both caches (presence matrix per file list, split positions per task) are
-keyed by the file list's digest, store the image ids, and are verified on load:
-a mismatch is logged and recomputed, never reused.
+The class-presence scan is cached by the content of every mask (see
+:func:`class_presence`); the splits are recomputed from it on every start.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import re
@@ -26,14 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from sats.data.datasets import DataError, DataProblem, SegmentationFiles, format_problems
 from sats.data.tasks import Task
+from sats.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
-SPLIT_RULE_VERSION = "sats-splits-v1"
+PRESENCE_VERSION = "sats-presence-v2"
 _REFERENCE_FILE = re.compile(r"^(train|val|test_on_val)-(\d+)\.npy$")
 
 
@@ -55,12 +52,18 @@ class StepSplit:
 # ------------------------------------------------------------------------------ cache files
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write ``arrays`` to ``path`` atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``arrays`` to ``path`` atomically (temp file + rename); a cache that cannot be written (read-only
+    folder, full disk) is logged and skipped: it costs a rescan next time, never a wrong result."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)  # type: ignore[arg-type]
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)  # type: ignore[arg-type]
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        log.warning("cannot write the cache file %s (%s); it will be computed again next time", path,
+                    e.strerror or e)
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray] | None:
@@ -73,50 +76,64 @@ def _load_npz(path: Path) -> dict[str, np.ndarray] | None:
         return None
 
 
-def _ids_array(ids: Sequence[str]) -> np.ndarray:
-    return np.asarray(list(ids), dtype=np.str_)
-
-
 # ------------------------------------------------------------------------------- presence
 
-def _presence_path(files: SegmentationFiles, cache_dir: Path) -> Path:
-    return cache_dir / f"presence_{files.name}_{files.split}_{files.list_digest[:16]}.npz"
+def _presence_store(cache_dir: Path, num_classes: int) -> Path:
+    return cache_dir / f"presence_k{num_classes}.npz"
 
 
-def _valid_presence_cache(data: dict[str, np.ndarray], files: SegmentationFiles) -> str | None:
-    """Reason why a loaded presence cache does not match ``files``, or None if it does."""
-    if {"presence", "ids", "digest"} - data.keys():
-        return f"keys {sorted(data)} lack presence/ids/digest"
-    if str(data["digest"]) != files.list_digest:
-        return f"list digest {str(data['digest'])[:12]} != {files.list_digest[:12]}"
-    if data["presence"].shape != (len(files), files.num_classes):
-        return f"shape {data['presence'].shape} != {(len(files), files.num_classes)}"
-    if data["ids"].shape != (len(files),) or not np.array_equal(data["ids"], _ids_array(files.ids)):
-        return "stored image ids differ from the file list"
-    return None
+def _load_store(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mask hashes (N,), presence (N, K) bool) of a presence store; empty if absent or unusable."""
+    empty = (np.zeros(0, dtype="<U32"), np.zeros((0, num_classes), dtype=bool))
+    if not path.is_file():
+        return empty
+    data = _load_npz(path)
+    if data is None:
+        return empty
+    if ({"hashes", "presence", "version"} - data.keys() or str(data["version"]) != PRESENCE_VERSION
+            or data["presence"].shape != (len(data["hashes"]), num_classes)):
+        log.warning("presence cache %s has another format; scanning again", path)
+        return empty
+    return data["hashes"], data["presence"].astype(bool)
 
 
 def class_presence(files: SegmentationFiles, cache_dir: str | os.PathLike[str] | None = None,
                    workers: int = 2, progress: bool = True) -> np.ndarray:
     """Which classes each mask contains, from one scan of every mask.
 
+    The cache is content-addressed: ``<cache_dir>/presence_k<K>.npz`` maps the content hash of a
+    mask (:mod:`sats.data.fingerprint`) to its presence row. A list is served from it when every
+    mask's bytes are known; a changed, new or foreign mask is scanned (only those), with one log
+    line saying how many and which. Lists, subsets and copies of a dataset share the entries.
+
     Args:
         files: the split's file list.
-        cache_dir: folder of the ``presence_<name>_<split>_<digest>.npz`` cache; None = no cache.
+        cache_dir: folder of the cache; None = no cache (every mask is scanned).
         workers: scanning threads.
 
     Returns:
         (N, num_classes) bool; ``[i, c]`` is True iff class c occurs in mask i
         (255 never counted). Raises DataError listing every bad mask.
     """
-    path = _presence_path(files, Path(cache_dir)) if cache_dir is not None else None
-    if path is not None and path.is_file():
-        data = _load_npz(path)
-        if data is not None:
-            reason = _valid_presence_cache(data, files)
-            if reason is None:
-                return data["presence"].astype(bool)
-            log.warning("presence cache %s does not match %r (%s); recomputing", path, files, reason)
+    presence = np.zeros((len(files), files.num_classes), dtype=bool)
+    todo = np.arange(len(files))
+    path = hashes = stored_hashes = stored = None
+    if cache_dir is not None:
+        files.fingerprint(cache_dir, workers)
+        hashes = np.asarray([h or "" for h in files.mask_hashes or []], dtype="<U32")
+        path = _presence_store(Path(cache_dir), files.num_classes)
+        stored_hashes, stored = _load_store(path, files.num_classes)
+        index = {h: i for i, h in enumerate(stored_hashes.tolist())}
+        rows = np.asarray([index.get(h, -1) if h else -1 for h in hashes.tolist()], dtype=np.int64)
+        known = rows >= 0
+        presence[known] = stored[rows[known]]
+        todo = np.flatnonzero(~known)
+        if len(todo) and len(stored_hashes):
+            log.info("class presence of %s/%s: %d of %d masks are not in the cache %s (changed, new or another "
+                     "dataset's; first: %s); scanning them", files.name, files.split, len(todo), len(files), path,
+                     files.mask_paths[int(todo[0])])
+    if not len(todo):
+        return presence
 
     def scan(i: int) -> np.ndarray | DataProblem:
         try:
@@ -124,21 +141,23 @@ def class_presence(files: SegmentationFiles, cache_dir: str | os.PathLike[str] |
         except DataError as e:
             return DataProblem.from_error(e, i)
 
-    presence = np.zeros((len(files), files.num_classes), dtype=bool)
     problems: list[DataProblem] = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = pool.map(scan, range(len(files)))
-        for i, row in enumerate(tqdm(results, total=len(files), disable=not progress, leave=False,
-                                     desc=f"scan masks {files.name}/{files.split}")):
+        results = pool.map(scan, todo.tolist())
+        for i, row in zip(todo.tolist(), progress_bar(results, progress, f"scan masks {files.name}/{files.split}",
+                                                       total=len(todo))):
             if isinstance(row, DataProblem):
                 problems.append(row)
             else:
                 presence[i] = row
     if problems:
         raise DataError(files.root, f"cannot scan the masks of {files!r}:\n{format_problems(problems)}")
-    if path is not None:
-        _save_npz(path, {"presence": presence, "ids": _ids_array(files.ids),
-                         "digest": np.asarray(files.list_digest)})
+    if path is not None and hashes is not None and stored_hashes is not None and stored is not None:
+        new = np.unique(todo[hashes[todo] != ""])
+        new_hashes, first = np.unique(hashes[new], return_index=True)
+        _save_npz(path, {"hashes": np.concatenate([stored_hashes, new_hashes]),
+                         "presence": np.concatenate([stored, presence[new[first]]]),
+                         "version": np.asarray(PRESENCE_VERSION)})
     return presence
 
 
@@ -186,40 +205,6 @@ def splits_from_presence(train_presence: np.ndarray, val_presence: np.ndarray, t
     return splits
 
 
-def _splits_key(train_files: SegmentationFiles, val_files: SegmentationFiles, task: Task,
-                overlap: bool) -> str:
-    spec = {"rule": SPLIT_RULE_VERSION, "train": train_files.list_digest,
-            "val": val_files.list_digest, "dataset": task.dataset, "num_classes": task.num_classes,
-            "steps": [list(step) for step in task.steps], "overlap": overlap}
-    return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-
-
-def _load_cached_splits(path: Path, key: str, task: Task, train_files: SegmentationFiles,
-                        val_files: SegmentationFiles) -> list[StepSplit] | None:
-    data = _load_npz(path)
-    if data is None:
-        return None
-    if "key" not in data or str(data["key"]) != key:
-        log.warning("split cache %s has a different key; recomputing", path)
-        return None
-    splits = []
-    for s in range(task.num_steps):
-        arrays = {}
-        for kind, files in (("train", train_files), ("val", val_files), ("test", val_files)):
-            pos, ids = data.get(f"{kind}_{s}"), data.get(f"{kind}_ids_{s}")
-            if pos is None or ids is None:
-                log.warning("split cache %s lacks %s of step %d; recomputing", path, kind, s)
-                return None
-            if pos.size and (pos.min() < 0 or pos.max() >= len(files)) or not np.array_equal(
-                    ids, _ids_array([files.ids[i] for i in pos])):
-                log.warning("split cache %s: %s positions of step %d do not match the image ids of "
-                            "%r; recomputing", path, kind, s, files)
-                return None
-            arrays[kind] = pos.astype(np.int64)
-        splits.append(StepSplit(**arrays))
-    return splits
-
-
 def _check_class_counts(task: Task, *file_lists: SegmentationFiles) -> None:
     for files in file_lists:
         if files.num_classes != task.num_classes:
@@ -232,32 +217,13 @@ def compute_splits(train_files: SegmentationFiles, val_files: SegmentationFiles,
                    workers: int = 2, progress: bool = True) -> list[StepSplit]:
     """Per-step image positions of ``task`` (one `StepSplit` per step).
 
-    Cached under ``cache_dir`` as ``splits_<dataset>_<task>_<ov|disjoint>_<key>.npz``,
-    keyed by both list digests, the task's steps and the rule; the file stores
-    the positions and the image ids, verified on load.
+    Derived from the class presence of both lists (:func:`class_presence`, cached by mask
+    content under ``cache_dir``); applying the rules is a few vectorised comparisons, so the
+    splits themselves are not cached and can never be stale.
     """
     _check_class_counts(task, train_files, val_files)
-    key = _splits_key(train_files, val_files, task, overlap)
-    path = None
-    if cache_dir is not None:
-        protocol = "ov" if overlap else "disjoint"
-        path = Path(cache_dir) / f"splits_{task.dataset}_{task.name}_{protocol}_{key[:16]}.npz"
-        if path.is_file():
-            cached = _load_cached_splits(path, key, task, train_files, val_files)
-            if cached is not None:
-                return cached
-    splits = splits_from_presence(class_presence(train_files, cache_dir, workers, progress),
-                                  class_presence(val_files, cache_dir, workers, progress),
-                                  task, overlap)
-    if path is not None:
-        arrays: dict[str, np.ndarray] = {"key": np.asarray(key)}
-        for s, split in enumerate(splits):
-            for kind, files in (("train", train_files), ("val", val_files), ("test", val_files)):
-                pos = getattr(split, kind)
-                arrays[f"{kind}_{s}"] = pos
-                arrays[f"{kind}_ids_{s}"] = _ids_array([files.ids[i] for i in pos])
-        _save_npz(path, arrays)
-    return splits
+    return splits_from_presence(class_presence(train_files, cache_dir, workers, progress),
+                                class_presence(val_files, cache_dir, workers, progress), task, overlap)
 
 
 # ------------------------------------------------------------------------ reference lists
@@ -282,7 +248,7 @@ def import_reference_splits(folder: str | os.PathLike[str], train_files: Segment
     """Read reference index lists ``<folder>/{train,val,test_on_val}-<s>.npy``.
 
     ``train-*`` index ``train_files``; ``val-*`` and ``test_on_val-*`` index
-    ``val_files`` (positions in the list order; spec/splits/README.md). Every
+    ``val_files`` (positions in the list order, as the reference's index files hold them). Every
     file of steps 0..T must exist and every index must be in range; files for
     steps beyond the task are an error (wrong folder for this task).
     """

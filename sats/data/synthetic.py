@@ -32,9 +32,12 @@ from __future__ import annotations
 
 import colorsys
 import json
+import logging
 import os
+import secrets
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -45,6 +48,8 @@ import numpy as np
 from PIL import Image
 
 from sats.data.classes import VOC_PALETTE
+
+log = logging.getLogger("sats")
 
 __all__ = [
     "CLASS_SHAPE_TEXTURE",
@@ -338,6 +343,21 @@ def _move_into_place(source: Path, target: Path, args: dict[str, Any]) -> None:
             raise OSError(f"could not move {source} to {target}: {error}") from error
 
 
+def _make_partial_dir(root: Path) -> Path:
+    """A new empty sibling folder of `root` with the usual permissions (0o777 & ~umask).
+
+    Not `tempfile.mkdtemp`: its 0700 folder would become the dataset folder when renamed into place.
+    """
+    for _ in range(100):
+        partial = root.parent / f".{root.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            partial.mkdir()
+        except FileExistsError:
+            continue
+        return partial
+    raise FileExistsError(f"could not create a temporary folder next to {root}")
+
+
 def generate_synthetic(
     root: str | os.PathLike[str],
     *,
@@ -361,7 +381,7 @@ def generate_synthetic(
     root = Path(root)
     _check_target(root)
     root.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
+    partial = _make_partial_dir(root)
     try:
         for folder in ("JPEGImages", "SegmentationClassAug", "splits"):
             (partial / folder).mkdir()
@@ -404,7 +424,12 @@ def ensure_synthetic(root: str | os.PathLike[str], **kwargs: Any) -> Path:
     args = _normalise_args(**{**DEFAULTS, **kwargs})
     if _holds_dataset(Path(root), args):
         return Path(root)
-    return generate_synthetic(root, workers=workers, **args)
+    log.info("generating the synthetic dataset (%d train / %d val images) in %s …", args["num_train"],
+             args["num_val"], root)
+    start = time.perf_counter()
+    path = generate_synthetic(root, workers=workers, **args)
+    log.info("synthetic dataset ready in %s (%.1f s)", root, time.perf_counter() - start)
+    return path
 
 
 def _read_list(root: Path, split: str) -> list[tuple[Path, Path]]:

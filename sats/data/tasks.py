@@ -1,4 +1,4 @@
-"""Continual-learning tasks: which raw class ids each step adds (METHODS.md §1.3).
+"""Continual-learning tasks: which raw class ids each step adds (docs/methods.md §1.3).
 
 A task is a tuple of steps; step ``t`` adds the raw class ids ``C^t``. Step 0
 starts with background (class 0). Output channels are the concatenation of the
@@ -122,7 +122,7 @@ class Task:
         return range(0, self.num_outputs(t) - len(self.steps[t]))
 
     def groups(self, t: int) -> dict[str, list[int]]:
-        """Report groups after step t (METHODS.md §1.7), as channel lists.
+        """Report groups after step t (docs/methods.md §1.7), as channel lists.
 
         "old" = step-0 channels (background included), "new" = every channel
         added at steps 1..t (empty at t = 0), "all" = 0..K_t-1.

@@ -1,4 +1,4 @@
-"""Joint image/mask transforms (METHODS.md §4 train augmentation, §1.7 evaluation).
+"""Joint image/mask transforms (docs/methods.md §4 train augmentation, §1.7 evaluation).
 
 All transforms take ``(PIL RGB image, (H, W) uint8 mask)`` and return
 ``((3, H', W') float32 ImageNet-normalised, (H', W') int64 mask)``. Images are
@@ -221,10 +221,10 @@ def _check_pair(image: Image.Image, mask: np.ndarray) -> None:
 def train_transform(crop_size: Size, scale: tuple[float, float] = (0.5, 2.0),
                     ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True,
                     rng: Rng = None) -> TrainTransform:
-    """Training augmentation of METHODS.md §4 (see `TrainTransform`)."""
+    """Training augmentation of docs/methods.md §4 (see `TrainTransform`)."""
     return TrainTransform(crop_size, scale, ratio, flip, rng)
 
 
 def eval_transform(size: int = 512, mode: EvalMode = "center_crop") -> EvalTransform:
-    """Evaluation preprocessing of METHODS.md §1.7 (see `EvalTransform`)."""
+    """Evaluation preprocessing of docs/methods.md §1.7 (see `EvalTransform`)."""
     return EvalTransform(size, mode)

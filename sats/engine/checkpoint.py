@@ -32,7 +32,9 @@ __all__ = [
     "MAGIC",
     "file_digest",
     "load_checkpoint",
+    "load_state_strict",
     "save_checkpoint",
+    "verify_checkpoint",
     "write_json_atomic",
     "write_text_atomic",
 ]
@@ -147,19 +149,8 @@ def file_digest(path: str | os.PathLike[str]) -> str:
     return str(header["sha256"])
 
 
-def load_checkpoint(
-    path: str | os.PathLike[str],
-    map_location: str | torch.device | None = "cpu",
-    *,
-    weights_only: bool = True,
-) -> dict[str, Any]:
-    """Read, verify (magic, size, SHA-256) and deserialise a checkpoint written by ``save_checkpoint``.
-
-    ``weights_only=True`` restricts unpickling to tensors, containers, numbers and strings;
-    pass ``False`` only for trusted files holding other objects. Raises ``CheckpointError``
-    naming ``path`` for a missing, truncated, corrupted or foreign file.
-    """
-    path = Path(path)
+def _read_verified_payload(path: Path) -> bytes:
+    """The payload of a checkpoint file after checking magic, header, exact size and SHA-256."""
     with _open(path) as f:
         header, offset = _read_header(f, path)
         try:
@@ -173,6 +164,29 @@ def load_checkpoint(
     digest = hashlib.sha256(payload).hexdigest()
     if digest != header["sha256"]:
         raise CheckpointError(f"checkpoint {path} is corrupted: SHA-256 {digest} != recorded {header['sha256']}")
+    return payload
+
+
+def verify_checkpoint(path: str | os.PathLike[str]) -> str:
+    """Check a checkpoint file's integrity (magic, size, SHA-256) without unpickling; returns the digest."""
+    payload = _read_verified_payload(Path(path))
+    return hashlib.sha256(payload).hexdigest()
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    map_location: str | torch.device | None = "cpu",
+    *,
+    weights_only: bool = True,
+) -> dict[str, Any]:
+    """Read, verify (magic, size, SHA-256) and deserialise a checkpoint written by ``save_checkpoint``.
+
+    ``weights_only=True`` restricts unpickling to tensors, containers, numbers and strings;
+    pass ``False`` only for trusted files holding other objects. Raises ``CheckpointError``
+    naming ``path`` for a missing, truncated, corrupted or foreign file.
+    """
+    path = Path(path)
+    payload = _read_verified_payload(path)
     try:
         obj = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=weights_only)
     except pickle.UnpicklingError as e:
@@ -181,6 +195,23 @@ def load_checkpoint(
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
     return obj
+
+
+def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike[str]) -> None:
+    """Load every tensor of ``state`` into ``model`` or none: names and shapes are compared before anything
+    is copied, and a mismatch is a CheckpointError listing the missing, unexpected and mis-shaped keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        def few(keys: list[str]) -> str:
+            return f"{keys[:8]}{'…' if len(keys) > 8 else ''}"
+
+        raise CheckpointError(f"{path}: weights do not fit the model (nothing was loaded): missing {few(missing)}, "
+                              f"unexpected {few(unexpected)}, shape mismatches (checkpoint vs model) {few(shapes)}")
+    model.load_state_dict(state, strict=True)
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from sats.config import DataConfig, ExperimentConfig, TrainConfig, digest
+from sats.config import ConfigError, DataConfig, ExperimentConfig, TrainConfig, digest
+from sats.data.classes import NUM_CLASSES
 from sats.data.datasets import DataError, SegmentationFiles, StepDataset, build_files, check_dataset, format_problems
 from sats.data.labels import memory_lut, test_lut, train_lut, val_lut
 from sats.data.memory import (StepMemory, build_step_memory, load_memory, memory_classes, memory_path, per_class_quota,
@@ -39,6 +40,16 @@ def resolve_files(cfg: DataConfig, split: str) -> SegmentationFiles:
                                 seed=s.seed)
         return build_files("voc", root, split)
     return build_files(cfg.dataset, cfg.root, split)
+
+
+def data_cache_dir(cfg: DataConfig) -> Path:
+    """``<data.cache_dir>/data``: file fingerprints and the class-presence store (content-addressed)."""
+    return Path(cfg.cache_dir) / "data"
+
+
+def same_data(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
+    """Whether two :meth:`ExperimentData.fingerprint` records describe the same files (the root may differ)."""
+    return {k: v for k, v in a.items() if k != "root"} == {k: v for k, v in b.items() if k != "root"}
 
 
 def task_dataset_name(cfg: DataConfig) -> str:
@@ -138,7 +149,7 @@ def _as_batch(item: Sequence[torch.Tensor], is_memory: Optional[torch.Tensor] = 
 class TrainBatches:
     """A step's training batches as :class:`~sats.methods.base.Batch` (CPU tensors).
 
-    Without memory: the current-step loader. With memory (METHODS.md §3.12): each batch is a
+    Without memory: the current-step loader. With memory (docs/methods.md §3.12): each batch is a
     current-step batch of ``B // 2`` images followed by a memory batch of ``B − B // 2`` images
     (``is_memory`` marks the latter); an epoch is one pass over the current-step images, so it has
     about twice the iterations of a memory-less epoch.
@@ -188,10 +199,18 @@ class ExperimentData:
 
     @classmethod
     def build(cls, cfg: ExperimentConfig, dist: DistInfo) -> "ExperimentData":
+        """Resolve the task, the file lists (with their content fingerprints), check every file
+        (``data.check``) and compute the splits; DataError / ConfigError before anything is trained."""
         d = cfg.data
-        task = get_task(task_dataset_name(d), d.task, d.order)
         train_files, val_files = resolve_files(d, "train"), resolve_files(d, "val")
-        cache = Path(d.cache_dir)
+        table = task_dataset_name(d)
+        try:  # the folder layout's class count comes from its classes.txt
+            task = get_task(table, d.task, d.order, num_classes=None if table in NUM_CLASSES else train_files.num_classes)
+        except ValueError as exc:
+            raise ConfigError(f"data.task={d.task!r}: {exc}") from exc
+        cache = data_cache_dir(d)
+        for files in (train_files, val_files):
+            files.fingerprint(cache, d.scan_workers)
         progress = cfg.log.progress and dist.is_main
         bad = _check_files(d, train_files, val_files, progress) if d.check else {"train": set(), "val": set()}
         if d.reference_splits:  # index files refer to the full lists
@@ -202,12 +221,18 @@ class ExperimentData:
             keep_train = np.setdiff1d(np.arange(len(train_files)), sorted(bad["train"]))
             keep_val = np.setdiff1d(np.arange(len(val_files)), sorted(bad["val"]))
             sub = compute_splits(_subset(train_files, keep_train), _subset(val_files, keep_val), task,
-                                 overlap=d.overlap, cache_dir=cache / "splits", progress=progress)
+                                 overlap=d.overlap, cache_dir=cache, workers=d.scan_workers, progress=progress)
             splits = [StepSplit(train=keep_train[s.train], val=keep_val[s.val], test=keep_val[s.test]) for s in sub]
         else:
-            splits = compute_splits(train_files, val_files, task, overlap=d.overlap, cache_dir=cache / "splits",
-                                    progress=progress)
+            splits = compute_splits(train_files, val_files, task, overlap=d.overlap, cache_dir=cache,
+                                    workers=d.scan_workers, progress=progress)
         return cls(cfg, task, train_files, val_files, splits, skipped={k: len(v) for k, v in bad.items() if v})
+
+    def fingerprint(self) -> Dict[str, Any]:
+        """What data the run sees (``results.json``): the resolved root and both lists' names and contents."""
+        return {"root": str(Path(self.train_files.root).resolve()),
+                **{split: {"images": len(f), "list": f.list_digest, "content": f.content_digest}
+                   for split, f in (("train", self.train_files), ("val", self.val_files))}}
 
     # -- per step ---------------------------------------------------------------------------------
     def step_task(self, joint: bool) -> Task:
@@ -222,14 +247,13 @@ class ExperimentData:
         return StepSplit(train=train, val=val, test=last.test)
 
     def step_digest(self, step: int, joint: bool) -> str:
-        """Hash of the exact images and classes of a step (step-0 sharing key component)."""
+        """Hash of the exact images of a step, by content, and its classes (cache keys: step 0, thresholds)."""
         s = self.split_at(step, joint)
         t = self.step_task(joint)
         return digest({
-            "train": [self.train_files.ids[i] for i in s.train],
-            "test": [self.val_files.ids[i] for i in s.test],
+            "train": self.train_files.positions_digest(s.train),
+            "test": self.val_files.positions_digest(s.test),
             "classes": list(t.steps[step]), "channels": list(t.channel_classes),
-            "train_list": self.train_files.list_digest, "val_list": self.val_files.list_digest,
         })
 
     def train_loader(self, step: int, joint: bool, train_cfg: TrainConfig, dist: DistInfo,
@@ -279,8 +303,7 @@ class ExperimentData:
             raise DataError("saliency maps are needed but data.saliency_root is not set")
         root = resolve_saliency_root(d.saliency_root, d.root)
         if d.dataset == "synthetic":
-            fingerprint = digest({"synthetic": self.cfg.data.synthetic, "root": str(Path(d.root).resolve())})
-            ensure_saliency_from_masks(self.train_files, root, fingerprint)
+            ensure_saliency_from_masks(self.train_files, root, self.train_files.fingerprint())
         source = FolderSaliency(root)
         if positions is not None:
             source.check(self.train_files.ids[int(i)] for i in positions)
@@ -290,8 +313,7 @@ class ExperimentData:
         """``(len(positions), K)`` bool: classes present in those training masks (cached scan when available)."""
         d = self.cfg.data
         if self._presence is None and not d.reference_splits and not self.skipped:
-            self._presence = class_presence(self.train_files, Path(d.cache_dir) / "splits", d.scan_workers,
-                                            progress=False)
+            self._presence = class_presence(self.train_files, data_cache_dir(d), d.scan_workers, progress=False)
         if self._presence is not None:
             return self._presence[np.asarray(positions, dtype=np.int64)]
         rows = [self.train_files.mask_classes(int(i)) for i in positions]
@@ -354,10 +376,13 @@ def _check_files(d: DataConfig, train_files: SegmentationFiles, val_files: Segme
 
 
 def _subset(files: SegmentationFiles, keep: np.ndarray) -> SegmentationFiles:
-    """The entries ``keep`` (positions, in order) of ``files``."""
-    return SegmentationFiles(files.name, files.root, files.split, [files.ids[i] for i in keep],
-                             [files.image_paths[i] for i in keep], [files.mask_paths[i] for i in keep],
-                             files.num_classes, files.class_names, files.palette)
+    """The entries ``keep`` (positions, in order) of ``files``, with their content fingerprints."""
+    sub = SegmentationFiles(files.name, files.root, files.split, [files.ids[i] for i in keep],
+                            [files.image_paths[i] for i in keep], [files.mask_paths[i] for i in keep],
+                            files.num_classes, files.class_names, files.palette)
+    if files.mask_hashes is not None and files.image_hashes is not None:
+        sub.set_fingerprints([files.mask_hashes[i] for i in keep], [files.image_hashes[i] for i in keep])
+    return sub
 
 
 def _without(positions: np.ndarray, drop: set) -> np.ndarray:

@@ -151,6 +151,15 @@ def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_agree(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True only if ``flag`` holds on every rank, so that all ranks take the same branch (single-process: ``flag``)."""
+    if not is_distributed():
+        return bool(flag)
+    value = torch.tensor([1 if flag else 0], dtype=torch.int64, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
 def broadcast_object(obj: T, src: int = 0) -> T:
     """Return rank ``src``'s ``obj`` on every rank (picklable objects; no-op single-process)."""
     if not is_distributed():

@@ -1,6 +1,6 @@
 """Streaming segmentation metrics: a device-side confusion matrix and the evaluation loop.
 
-The confusion matrix has ground truth in rows and predictions in columns (METHODS.md §1.7).
+The confusion matrix has ground truth in rows and predictions in columns (docs/methods.md §1.7).
 Ground-truth values outside ``[0, K)`` (255 in practice) are skipped. Metrics follow the
 reference definitions:
 
@@ -14,7 +14,7 @@ reference definitions:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import Tensor, nn
 from torch.utils.data import Sampler
 
 __all__ = ["ConfusionMatrix", "Metrics", "ShardedEvalSampler", "evaluate"]
@@ -200,7 +201,7 @@ class Metrics:
 class ShardedEvalSampler(Sampler[int]):
     """Rank ``r`` of ``W`` takes indices ``r, r + W, r + 2W, ...``: no padding, no duplicates.
 
-    Unlike ``DistributedSampler`` (METHODS.md §6 item 15) every sample is evaluated exactly
+    Unlike ``DistributedSampler`` (docs/methods.md §6 item 15) every sample is evaluated exactly
     once over all ranks, so the summed confusion matrix equals the single-process one.
     Ranks may get one sample more than others; evaluation has no collective per batch, so
     unequal lengths are fine.
@@ -279,3 +280,25 @@ def evaluate(
     finally:
         model.train(was_training)
     return confusion.all_reduce_().compute()
+
+
+def evaluate_loader(model: nn.Module, loader: Iterable[Any], num_outputs: int, predict: Callable[[Tensor], Tensor],
+                    device: torch.device, autocast: Callable[[], Any], progress: bool = False,
+                    desc: str = "eval") -> Metrics:
+    """The evaluation loop of the engine and of ``sats test``: confusion matrix on the device, summed over
+    DDP ranks (each rank evaluates its shard of ``loader``).
+
+    ``loader`` yields ``(images (B, 3, H, W), labels (B, H, W))``; ``predict`` maps ``(B, K, H, W)`` float
+    logits to ``(B, H, W)`` channels (the method's rule, e.g. SSUL's unknown → background).
+    """
+    from sats.progress import progress_bar
+
+    cm = ConfusionMatrix(num_outputs, device)
+    model.eval()
+    with torch.no_grad():
+        for images, labels in progress_bar(loader, progress, desc):
+            with autocast():
+                logits = model(images.to(device, non_blocking=True)).logits
+            cm.update(predict(logits.float()), labels.to(device, non_blocking=True))
+    cm.all_reduce_()
+    return cm.compute()

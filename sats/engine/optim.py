@@ -1,4 +1,4 @@
-"""Optimiser, poly learning-rate schedule and mixed-precision settings (METHODS.md §4)."""
+"""Optimiser, poly learning-rate schedule and mixed-precision settings (docs/methods.md §4)."""
 
 from __future__ import annotations
 

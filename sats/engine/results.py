@@ -76,15 +76,16 @@ def _fmt(v: Optional[float]) -> str:
 
 def markdown_table(header: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
     """Per-step old/new/all table, then per-class IoU of the last step."""
+    skipped = any(r.get("nonfinite_skipped") for r in rows)  # iterations skipped for a non-finite loss/gradient
     lines = [f"# {header.get('name', '')}: {header.get('method', '')} on {header.get('dataset', '')} "
              f"{header.get('task', '')} ({'overlapped' if header.get('overlap') else 'disjoint'}), "
              f"{header.get('backbone', '')}", "",
-             "| step | old | new | all | mIoU | pixel acc | train s | images/s |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| step | old | new | all | mIoU | pixel acc | train s | images/s |" + (" skipped |" if skipped else ""),
+             "|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if skipped else "")]
     for r in rows:
         lines.append(f"| {r['step']} | {_fmt(r.get('old'))} | {_fmt(r.get('new'))} | {_fmt(r.get('all'))} | "
                      f"{_fmt(r.get('miou'))} | {_fmt(r.get('pixel_acc'))} | {r.get('train_time_s', 0):.1f} | "
-                     f"{r.get('train_images_per_s', 0):.1f} |")
+                     f"{r.get('train_images_per_s', 0):.1f} |" + (f" {r.get('nonfinite_skipped', 0)} |" if skipped else ""))
     if rows:
         last = rows[-1]
         lines += ["", f"Per-class IoU after step {last['step']}:", "", "| channel | class | IoU |", "|---:|---|---:|"]

@@ -3,14 +3,8 @@
 The runner is method-agnostic: it reads what a method declares (``needs``, ``uses_old_model``,
 ``head_init``, ``step0``, ``joint``) and calls its hooks; it never looks at a method's name.
 
-Files of a run directory::
-
-    config.yaml            the resolved config (a resumed run must match it)
-    checkpoints/step{t}.ckpt         end-of-step model + method state (atomic, hashed)
-    checkpoints/step{t}-epoch.ckpt   last completed epoch of the step in progress (resume)
-    memory/step{t}.json    exemplar memory of step t (image ids; only with memory.enabled)
-    results.json / results.md        one row per finished step
-    tb/                    tensorboard events;  train.log  the log
+The run directory's layout, lock, config record and the one way from a step checkpoint to a model
+are in :mod:`sats.engine.rundir`.
 """
 
 from __future__ import annotations
@@ -28,19 +22,22 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from sats.config import ConfigError, ExperimentConfig, config_to_dict, digest, save_config
+from sats.config import ConfigError, ExperimentConfig, config_to_dict, digest
+from sats.data.fingerprint import file_fingerprints
 from sats.data.tasks import Task
 from sats.engine import results as results_io
-from sats.engine.checkpoint import CheckpointError, file_digest, load_checkpoint, save_checkpoint
-from sats.engine.data import ExperimentData, first_batch_images
-from sats.engine.distributed import (DistInfo, all_reduce_mean_, all_reduce_sum_, barrier, init_distributed,
-                                     seed_everything, set_deterministic, unwrap)
-from sats.engine.evaluator import ConfusionMatrix, Metrics
+from sats.engine.checkpoint import CheckpointError, file_digest, load_checkpoint, load_state_strict, save_checkpoint
+from sats.engine.data import ExperimentData, data_cache_dir, first_batch_images, same_data
+from sats.engine.distributed import (DistInfo, all_agree, all_reduce_mean_, all_reduce_sum_, barrier, init_distributed,
+                                     seed_everything, set_deterministic)
+from sats.engine.evaluator import Metrics, evaluate_loader
 from sats.engine.optim import (amp_dtype, autocast_factory, build_grad_scaler, build_optimizer, build_scheduler,
                                configure_cuda_math)
+from sats.engine.rundir import RunDir, RunError, check_step_checkpoint, load_step_model
 from sats.engine.signals import RunInterrupted, StopRequest, StoppableFetch, capture_rng, gather_per_rank, restore_rng
 from sats.methods.base import Method, StepContext, build_method
 from sats.models.segmenter import Segmenter, build_segmenter, frozen_copy
+from sats.progress import progress_bar
 
 log = logging.getLogger("sats")
 
@@ -51,10 +48,6 @@ class NonFiniteLossError(RuntimeError):
 
 class NonFiniteGradientError(NonFiniteLossError):
     """The loss is finite but a gradient is NaN/Inf; the message names step, epoch, iteration and parameters."""
-
-
-class RunError(RuntimeError):
-    """A run directory or checkpoint does not match the experiment."""
 
 
 def step_seed(seed: int, step: int, epoch: int = -1) -> int:
@@ -83,39 +76,67 @@ class Runner:
             torch.set_num_threads(cfg.train.threads)
         set_deterministic(cfg.train.deterministic)
         self.run_dir = cfg.resolved_run_dir()
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.rundir = RunDir(self.run_dir)
+        self.ckpt_dir = self.rundir.ckpt_dir
         self.method: Method = build_method(cfg.method)
         self.amp = amp_dtype(cfg.train, self.device)
         configure_cuda_math(cfg.train, self.device)
         self.autocast = autocast_factory(self.device, self.amp)
         self._writer = None
-        self._prepare_run_dir()
-        self.data = ExperimentData.build(cfg, self.dist)
-        self.task: Task = self.data.task
-        self.joint = self.method.joint
-        self.num_steps = 1 if self.joint else self.task.num_steps
-        if not cfg.data.saliency_root and any(self.method.needs_saliency_at(t) for t in range(self.num_steps)):
-            raise ConfigError(f"method {self.method.name!r} needs saliency maps: set data.saliency_root (a folder of "
-                              "<image id>.png grayscale maps, relative paths under data.root)")
+        self._start()
 
-    # -- run directory --------------------------------------------------------------------------
-    def _prepare_run_dir(self) -> None:
-        cfg_path = self.run_dir / "config.yaml"
-        current = config_to_dict(self.cfg)
+    def _start(self) -> None:
+        """Lock the run directory, validate the whole experiment (task, data, saliency), and only then
+        record the config: a failed start leaves the directory as it was (or removes the one it created)."""
+        cfg = self.cfg
+        locked = True
         if self.dist.is_main:
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            if cfg_path.exists():
-                saved = json.loads(json.dumps(_load_yaml(cfg_path), default=str))
-                diff = _config_diff(saved, json.loads(json.dumps(current, default=str)))
-                if diff:
-                    raise RunError(f"{self.run_dir} holds a run with another config ({'; '.join(diff[:5])}); "
-                                   "choose another name/run_dir or delete the directory")
-            else:
-                save_config(self.cfg, cfg_path)
-            _attach_file_log(self.run_dir / "train.log")
-            _remove_stale_temp_files(self.run_dir)
-            _remove_stale_temp_files(self.ckpt_dir)
+            try:
+                self.rundir.lock()
+            except RunError:
+                all_agree(False, self.device)
+                raise
+        if not all_agree(locked, self.device):
+            raise RunError(f"{self.run_dir}: the main process could not lock the run directory (see its error)")
+        try:
+            if self.dist.is_main:  # an existing run logs this start at once; a new one once it is valid
+                self.rundir.attach_log() if self.rundir.config_path.exists() else self.rundir.hold_start_log()
+            self.data = ExperimentData.build(cfg, self.dist)
+            self.task: Task = self.data.task
+            self.joint = self.method.joint
+            self.num_steps = 1 if self.joint else self.task.num_steps
+            if not cfg.data.saliency_root and any(self.method.needs_saliency_at(t) for t in range(self.num_steps)):
+                raise ConfigError(f"method {self.method.name!r} needs saliency maps: set data.saliency_root (a "
+                                  "folder of <image id>.png grayscale maps, relative paths under data.root)")
+            if self.dist.is_main:
+                self.rundir.record_config(cfg)
+                self.rundir.attach_log()
+                self.rundir.remove_stale_temp_files()
+                self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+                self._check_data_unchanged()
+        except BaseException:
+            if self.dist.is_main:
+                self.rundir.abandon()
+            raise
         barrier()
+
+    def _check_data_unchanged(self) -> None:
+        """Log which finished steps saw other data than this start does (their rows record what they saw)."""
+        rows = results_io.load_rows(self.run_dir)
+        now = self.data.fingerprint()
+        changed = [t for t, r in sorted(rows.items()) if r.get("data") is not None and not same_data(r["data"], now)]
+        if changed:
+            log.warning("the dataset changed since step(s) %s were trained (recorded in results.json: %s; now: %s); "
+                        "later steps train on the current files", changed, rows[changed[0]].get("data"), now)
+
+    def close(self) -> None:
+        """Release the run directory's lock (also done at the end of :meth:`run`)."""
+        self.rundir.unlock()
+
+    def __del__(self) -> None:
+        rundir = getattr(self, "rundir", None)
+        if rundir is not None:
+            rundir.unlock()
 
     @property
     def writer(self):
@@ -132,25 +153,40 @@ class Runner:
         The first SIGINT/SIGTERM makes the run write a checkpoint at its next safe point and raise
         :class:`~sats.engine.signals.RunInterrupted` (calling ``run`` again resumes there).
         """
-        with self.stop:
-            return self._run_steps(steps)
+        try:
+            if self.dist.is_main:
+                self.rundir.lock()
+            with self.stop:
+                return self._run_steps(steps)
+        finally:
+            self.rundir.unlock()
+
+    def redo_from(self, t: int) -> None:
+        """``--redo-step t``: set the checkpoints and results of steps ≥ ``t`` aside, so they are trained again."""
+        if not 0 <= t < self.num_steps:
+            raise ConfigError(f"--redo-step {t} is outside task {self.task.name!r} ({self.num_steps} steps)")
+        if self.dist.is_main:
+            self.rundir.discard_steps_from(t)
+        barrier()
 
     def _run_steps(self, steps: Optional[Sequence[int]]) -> List[Dict[str, Any]]:
         steps = list(range(self.num_steps)) if steps is None else list(steps)
         bad = [s for s in steps if not 0 <= s < self.num_steps]
         if bad:
             raise ConfigError(f"steps {bad} are outside task {self.task.name!r} ({self.num_steps} steps)")
+        self._verify_finished(steps)
         log.info("run %s: method %s, task %s/%s (%d steps), %s", self.run_dir, self.method.describe(),
                  self.task.dataset, self.task.name, self.num_steps, "overlapped" if self.cfg.data.overlap else "disjoint")
         rows = results_io.load_rows(self.run_dir)
         for t in steps:
             if t in rows and self._step_checkpoint(t).exists():
-                log.info("step %d already finished (mIoU %.2f); skipping", t, rows[t]["miou"] * 100)
+                log.info("step %d already finished (mIoU %.2f, checkpoint verified); skipping", t,
+                         rows[t]["miou"] * 100)
                 continue
             recovered = self._recover_row(t) if t not in rows else None
             rows[t] = recovered if recovered is not None else self.run_step(t)
             if self.dist.is_main:
-                results_io.write(self.run_dir, self._header(), rows)
+                results_io.write(self.run_dir, self.header(), rows)
             barrier()
             if t != steps[-1] and self.stop.agreed(self.device):
                 raise RunInterrupted(f"interrupted by {self.stop.name} after step {t} (its checkpoint and results "
@@ -159,6 +195,20 @@ class Runner:
         if self._writer is not None:
             self._writer.flush()
         return [rows[k] for k in sorted(rows)]
+
+    def _verify_finished(self, steps: Sequence[int]) -> None:
+        """Check the hash of every finished step's checkpoint that this run would skip over (RunError with
+        what to do when one is damaged); every rank agrees before anything trains."""
+        error: Optional[RunError] = None
+        if self.dist.is_main:
+            try:
+                for t in steps:
+                    if self._step_checkpoint(t).exists():
+                        self.rundir.verify_finished(t)
+            except RunError as exc:
+                error = exc
+        if not all_agree(error is None, self.device):
+            raise error or RunError(f"{self.run_dir}: a step checkpoint is damaged (see the main process's error)")
 
     def _recover_row(self, t: int) -> Optional[Dict[str, Any]]:
         """The results row stored in a finished step's checkpoint (a run stopped before writing results.json)."""
@@ -172,20 +222,21 @@ class Runner:
         log.info("step %d finished before the run stopped; its results row is taken from %s", t, path)
         return ckpt["row"]
 
-    def _header(self) -> Dict[str, Any]:
+    def header(self) -> Dict[str, Any]:
+        """The run-level part of ``results.json`` (what ran, on which data)."""
         return {"name": self.cfg.name, "method": self.method.name, "method_params": self.cfg.method,
                 "dataset": self.cfg.data.dataset, "task": self.task.name, "overlap": self.cfg.data.overlap,
                 "backbone": self.cfg.model.backbone, "num_steps": self.num_steps, "joint": self.joint,
                 "memory": self.cfg.memory.size if self.cfg.memory.enabled else None,
                 "channel_classes": list(self.task.channel_classes),
                 "class_names": [self.data.train_files.class_names[c] for c in self.task.channel_classes],
-                "skipped_bad_files": self.data.skipped}
+                "skipped_bad_files": self.data.skipped, "data": self.data.fingerprint()}
 
     def _step_checkpoint(self, t: int) -> Path:
-        return self.ckpt_dir / f"step{t}.ckpt"
+        return self.rundir.step_checkpoint(t)
 
     def _epoch_checkpoint(self, t: int) -> Path:
-        return self.ckpt_dir / f"step{t}-epoch.ckpt"
+        return self.rundir.epoch_checkpoint(t)
 
     # -- one step -----------------------------------------------------------------------------
     def run_step(self, t: int) -> Dict[str, Any]:
@@ -193,23 +244,16 @@ class Runner:
         seed_everything(step_seed(self.cfg.train.seed, t), self.dist.rank)
         shared = self._shared_step0_dir(t)
         if shared is not None and (shared / "step0.ckpt").exists() and (shared / "row.json").exists():
-            return self._adopt_shared_step0(shared)
+            row = self._adopt_shared_step0(shared)
+            if row is not None:
+                return row
 
         model, old_model, old_digest = self._build_models(t, task)
         ctx = self._context(t, task, model, old_model, old_digest)
         outcome = self._train(t, task, model, old_model, ctx)
         row = self._finish_step(t, task, model, ctx, outcome)
         if shared is not None and self.dist.is_main:
-            tmp = shared / "step0.ckpt.tmp"
-            try:
-                shared.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(self._step_checkpoint(t), tmp)
-                tmp.replace(shared / "step0.ckpt")
-            except OSError as exc:
-                tmp.unlink(missing_ok=True)
-                raise CheckpointError(f"cannot write the shared step-0 checkpoint {shared / 'step0.ckpt'}: "
-                                      f"{exc.strerror or exc}") from exc
-            results_io.write_json(shared / "row.json", row)
+            self._share_step0(shared, row)
         return row
 
     def _build_models(self, t: int, task: Task):
@@ -220,11 +264,8 @@ class Runner:
         prev_path = self._step_checkpoint(t - 1)
         if not prev_path.exists():
             raise RunError(f"step {t} needs the step {t - 1} checkpoint {prev_path}; run step {t - 1} first")
-        prev = load_checkpoint(prev_path)
-        self._check_checkpoint_matches(prev, t - 1, prev_path)
-        cfg_model = _without_pretrained(self.cfg.model)
-        model = build_segmenter(cfg_model, self.method.model_head_sizes(task, t - 1))
-        _load_strict(model, prev["model"], prev_path)
+        model, prev = load_step_model(prev_path, t - 1, self.cfg.model, self.method.model_head_sizes(task, t - 1),
+                                      task)
         self.method.load_state_dict(prev.get("method", {}))
         old_model = frozen_copy(model).to(self.device) if self.method.old_model_at(t) else None
         model.add_step(len(task.new_classes(t)), init=self.method.head_init)
@@ -232,17 +273,7 @@ class Runner:
 
     def _check_checkpoint_matches(self, ckpt: Dict[str, Any], t: int, path: Path) -> None:
         task = self.data.step_task(self.joint)
-        expected = self.method.model_head_sizes(task, t)
-        if ckpt.get("head_sizes") != expected or ckpt.get("backbone") != self.cfg.model.backbone:
-            raise RunError(f"{path}: checkpoint of backbone {ckpt.get('backbone')!r} with heads "
-                           f"{ckpt.get('head_sizes')} does not match this run ({self.cfg.model.backbone!r}, "
-                           f"heads {expected} at step {t})")
-        saved = ckpt.get("task")  # the classes of steps 0..t must agree (later steps may differ: 15-5 vs 15-1)
-        ours = {"dataset": task.dataset, "steps": [list(c) for c in task.steps[:t + 1]]}
-        if saved is not None and {"dataset": saved.get("dataset"), "steps": saved.get("steps", [])[:t + 1]} != ours:
-            raise RunError(f"{path}: checkpoint of task {saved.get('dataset')}/{saved.get('name')} with classes "
-                           f"{saved.get('steps', [])[:t + 1]} up to step {t}; this run's task "
-                           f"{task.dataset}/{task.name} has {ours['steps']}")
+        check_step_checkpoint(ckpt, path, t, self.method.model_head_sizes(task, t), self.cfg.model.backbone, task)
 
     def _check_resume_matches(self, state: Dict[str, Any], t: int, per_epoch: int, path: Path) -> None:
         """An epoch checkpoint fits the step's loader (a mid-epoch one also the process count)."""
@@ -300,7 +331,7 @@ class Runner:
         if resume.exists():
             state = load_checkpoint(resume)
             self._check_resume_matches(state, t, per_epoch, resume)
-            _load_strict(model, state["model"], resume)
+            load_state_strict(model, state["model"], resume)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
@@ -376,7 +407,7 @@ class Runner:
                 scaler.unscale_(optimizer)  # after_backward and clipping see true gradients (no-op unless fp16)
                 bad_loss, bad_grad, stop_now = self._iteration_flags(loss, model, scaler)
                 if bad_loss or bad_grad:
-                    self._nonfinite(f"step {t}, epoch {epoch + 1}, iteration {i + 1}", terms, model, bad_loss,
+                    self._nonfinite(t, f"step {t}, epoch {epoch + 1}, iteration {i + 1}", terms, model, bad_loss,
                                     counters)
                     optimizer.zero_grad(set_to_none=True)
                     if scaler.is_enabled():
@@ -454,7 +485,7 @@ class Runner:
         """A stop request of a single-process run, read at the end of an iteration (DDP: in the agreed flags)."""
         return self.dist.world_size == 1 and self.stop.requested
 
-    def _nonfinite(self, where: str, terms: Dict[str, Tensor], model: torch.nn.Module, bad_loss: bool,
+    def _nonfinite(self, t: int, where: str, terms: Dict[str, Tensor], model: torch.nn.Module, bad_loss: bool,
                    counters: Dict[str, Any]) -> None:
         """Raise (``train.on_nonfinite=error``) or count and log (``skip``) a non-finite loss or gradient."""
         values = ", ".join(f"{k}={float(v.detach())}" for k, v in terms.items())
@@ -468,14 +499,35 @@ class Runner:
                     f"{names[:6]}{'…' if len(names) > 6 else ''}")
             error = NonFiniteGradientError
         if self.cfg.train.on_nonfinite == "error":
-            raise error(f"{what}: {values}; the last good checkpoint is kept in {self.ckpt_dir} "
-                        "(train.on_nonfinite=skip skips such batches and counts them)")
+            raise error(f"{what}: {values}; {self._kept(t)} (train.on_nonfinite=skip skips such "
+                        "batches and counts them)")
         counters["nonfinite_skipped"] += 1
         log.warning("skipping a batch: %s: %s (%d skipped so far)", what, values, counters["nonfinite_skipped"])
+
+    def _kept(self, t: int) -> str:
+        """What a rerun of step ``t`` starts from, naming a file that exists."""
+        epoch = self._epoch_checkpoint(t)
+        if epoch.exists():
+            return f"the last completed epoch of step {t} is kept in {epoch} (rerunning resumes there)"
+        if t > 0:
+            return (f"step {t} has no checkpoint of its own yet; rerunning restarts it from the step {t - 1} checkpoint "
+                    f"{self._step_checkpoint(t - 1)}")
+        return "nothing of step 0 was saved yet; rerunning restarts step 0"
+
+    def _check_skipped(self, t: int, counters: Dict[str, Any], total: int) -> None:
+        """NonFiniteLossError when more than ``train.max_skipped_fraction`` of a step's iterations were skipped."""
+        skipped, limit = counters["nonfinite_skipped"], self.cfg.train.max_skipped_fraction
+        if skipped and skipped > limit * total:
+            raise NonFiniteLossError(
+                f"step {t}: {skipped} of {total} iterations ({skipped / max(total, 1):.0%}) were skipped for a "
+                f"non-finite loss or gradient, more than train.max_skipped_fraction={limit:g}; the step is not saved "
+                f"as finished ({self._kept(t)}). Lower the learning rate, try train.amp=off or train.grad_clip, or "
+                "raise train.max_skipped_fraction")
 
     # -- end of step: method hook, test, checkpoint, results ------------------------------------
     def _finish_step(self, t: int, task: Task, model: Segmenter, ctx: StepContext,
                      outcome: TrainOutcome) -> Dict[str, Any]:
+        self._check_skipped(t, outcome.counters, ctx.total_iterations)
         self.method.end_step(ctx)
         tic = time.perf_counter()
         metrics = self._evaluate(model, t, "test")
@@ -488,7 +540,7 @@ class Runner:
                     "train_images_per_s": round(counters["images"] / max(counters["train_time_s"], 1e-9), 2),
                     "iterations": ctx.iteration, "nonfinite_skipped": counters["nonfinite_skipped"],
                     "epoch_losses": counters["epoch_losses"],
-                    "shared_step0": None})
+                    "shared_step0": None, "data": self.data.fingerprint()})
         if self.dist.is_main:  # the row travels with the weights: a run killed before results.json is written
             save_checkpoint({"model": state, "method": self.method.state_dict(), "step": t,  # recovers it
                              "head_sizes": self.method.model_head_sizes(task, t), "backbone": self.cfg.model.backbone,
@@ -508,18 +560,10 @@ class Runner:
 
     def _evaluate(self, model: Segmenter, t: int, kind: str) -> Metrics:
         """Confusion matrix on the device over the step's test (C^{0:t}) or val (C^t) images."""
-        task = self.data.step_task(self.joint)
         loader = self.data.eval_loader(t, self.joint, kind, self.dist)
-        cm = ConfusionMatrix(task.num_outputs(t), self.device)
-        model.eval()
-        bar = _progress(loader, self.cfg.log.progress and self.dist.is_main, f"step {t} {kind}")
-        with torch.no_grad():
-            for images, labels in bar:
-                with self.autocast():
-                    logits = model(images.to(self.device, non_blocking=True)).logits
-                cm.update(self.method.predict(logits.float()), labels.to(self.device, non_blocking=True))
-        cm.all_reduce_()
-        return cm.compute()
+        return evaluate_loader(model, loader, self.data.step_task(self.joint).num_outputs(t), self.method.predict,
+                               self.device, self.autocast, self.cfg.log.progress and self.dist.is_main,
+                               f"step {t} {kind}")
 
     def _overlays(self, model: Segmenter, t: int) -> None:
         n = self.cfg.log.overlay_images
@@ -541,12 +585,9 @@ class Runner:
     def evaluate_checkpoint(self, t: int) -> Dict[str, Any]:
         """Test the saved step-t checkpoint exactly as the run did at the end of step t."""
         task = self.data.step_task(self.joint)
-        path = self._step_checkpoint(t)
-        ckpt = load_checkpoint(path)
-        self._check_checkpoint_matches(ckpt, t, path)
-        model = build_segmenter(_without_pretrained(self.cfg.model), self.method.model_head_sizes(task, t))
-        _load_strict(model, ckpt["model"], path)
-        metrics = self._evaluate(model.to(self.device), t, "test")
+        model, _ = load_step_model(self._step_checkpoint(t), t, self.cfg.model, self.method.model_head_sizes(task, t),
+                                   task, self.device)
+        metrics = self._evaluate(model, t, "test")
         groups = self.task.groups(self.task.num_steps - 1) if self.joint else task.groups(t)
         return results_io.make_row(t, metrics, groups, task, self.data.train_files.class_names)
 
@@ -559,110 +600,65 @@ class Runner:
         c = self.cfg
         determinants = {
             "recipe": key, "data": self.data.step_digest(0, False), "model": config_to_dict(c)["model"],
+            # the encoder's starting weights by content: a replaced file under the same name is another step 0
+            "pretrained": file_fingerprints([Path(c.model.pretrained)], data_cache_dir(c.data))[0]
+            if c.model.pretrained else None,
             "train": {k: v for k, v in config_to_dict(c)["train"].items()
                       if k not in ("lr_incremental", "epochs_incremental", "log_every", "share_step0", "threads",
-                                   "val_every", "select", "on_nonfinite", "dist_timeout_s")},
+                                   "val_every", "select", "on_nonfinite", "max_skipped_fraction", "dist_timeout_s")},
             "data_pipeline": {k: getattr(c.data, k) for k in ("crop_size", "scale_min", "scale_max", "batch_size",
                                                                "eval_size", "eval_mode")},
             "world_size": self.dist.world_size,
         }
         return Path(c.data.cache_dir) / "step0" / digest(determinants)
 
-    def _adopt_shared_step0(self, shared: Path) -> Dict[str, Any]:
-        ckpt = load_checkpoint(shared / "step0.ckpt")  # verifies the hash before we adopt it
-        self._check_checkpoint_matches(ckpt, 0, shared / "step0.ckpt")
+    def _adopt_shared_step0(self, shared: Path) -> Optional[Dict[str, Any]]:
+        """Take the shared step 0 as this run's step 0; a damaged one is reported, moved aside and retrained
+        (None), so one bad cache entry never fails every run that shares it."""
+        path = shared / "step0.ckpt"
+        ckpt: Optional[Dict[str, Any]] = None
+        problem = ""
+        try:
+            ckpt = load_checkpoint(path)  # verifies the hash before we adopt it
+            row = json.loads((shared / "row.json").read_text())
+        except (CheckpointError, OSError, ValueError) as exc:
+            problem = str(exc)
+        if not all_agree(not problem, self.device):
+            if self.dist.is_main:
+                aside = shared.with_name(f"{shared.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+                shared.replace(aside)
+                log.warning("step 0: the shared step-0 checkpoint is damaged (%s); moved it to %s and training "
+                            "step 0 again", problem or "on another rank", aside)
+            barrier()
+            return None
+        assert ckpt is not None
+        self._check_checkpoint_matches(ckpt, 0, path)
         if self.dist.is_main:  # unchanged bytes: caches keyed by its digest stay shared
             save_checkpoint(ckpt, self._step_checkpoint(0))
         barrier()
-        row = json.loads((shared / "row.json").read_text())
-        row["shared_step0"] = shared.name
+        row.update(shared_step0=shared.name, data=self.data.fingerprint())
         log.info("step 0: reusing the shared plain-CE step-0 checkpoint %s (mIoU %.2f)", shared, row["miou"] * 100)
         return row
 
+    def _share_step0(self, shared: Path, row: Dict[str, Any]) -> None:
+        """Copy this run's step 0 into the shared cache (atomically; the row last, so a half-written entry is
+        never taken: adoption needs both files)."""
+        tmp = shared / f"step0.ckpt.tmp-{os.getpid()}"
+        try:
+            shared.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self._step_checkpoint(0), tmp)
+            tmp.replace(shared / "step0.ckpt")
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise CheckpointError(f"cannot write the shared step-0 checkpoint {shared / 'step0.ckpt'}: "
+                                  f"{exc.strerror or exc}") from exc
+        results_io.write_json(shared / "row.json", row)
+
 
 # ----------------------------------------------------------------------------------------------
-def _load_strict(model: torch.nn.Module, state: Dict[str, Tensor], path: Path) -> None:
-    """Load every tensor of ``state`` or none: names and shapes are compared before anything is copied."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    if missing or unexpected or shapes:
-        raise CheckpointError(f"{path}: weights do not fit the model (nothing was loaded): missing {missing[:8]}"
-                              f"{'…' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
-                              f"{'…' if len(unexpected) > 8 else ''}, shape mismatches (checkpoint vs model) "
-                              f"{shapes[:8]}{'…' if len(shapes) > 8 else ''}")
-    model.load_state_dict(state, strict=True)
-
-
-def _remove_stale_temp_files(folder: Path) -> None:
-    """Delete ``*.tmp-<pid>`` files that atomic writes of a killed process left (never a live process's)."""
-    for tmp in folder.glob("*.tmp-*"):
-        pid = tmp.name.rsplit(".tmp-", 1)[1]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            log.info("removing %s, left by a run that was killed while writing it", tmp)
-            tmp.unlink(missing_ok=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def _without_pretrained(model_cfg):
-    import dataclasses
-
-    return dataclasses.replace(model_cfg, pretrained=None)
-
-
 def _progress(iterable, enabled: bool, desc: str):
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)
+    return progress_bar(iterable, enabled, desc)
 
 
 def _pct(v: Optional[float]) -> str:
     return "-" if v is None else f"{v * 100:.2f}"
-
-
-def _load_yaml(path: Path) -> Dict[str, Any]:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(OmegaConf.load(path))  # type: ignore[return-value]
-
-
-def _config_diff(a: Any, b: Any, prefix: str = "") -> List[str]:
-    """Keys whose values differ between two nested dicts (ignoring logging-only keys)."""
-    ignore = {"log", "train.threads", "train.log_every", "data.workers", "data.scan_workers", "data.check",
-              "data.cache_dir", "output_dir", "run_dir", "train.dist_timeout_s",
-              "device"}  # a run may move between machines (a GPU step, then a CPU one)
-    if prefix.rstrip(".") in ignore:
-        return []
-    if isinstance(a, dict) and isinstance(b, dict):
-        out: List[str] = []
-        for k in sorted(set(a) | set(b)):
-            out += _config_diff(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} → {b!r}"]
-
-
-def _attach_file_log(path: Path) -> None:
-    """Log to ``path``; a previous run's file handler in this process (e.g. the demo's runs) is closed."""
-    root = logging.getLogger("sats")
-    for h in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
-        if Path(h.baseFilename) == path.resolve():
-            return
-        root.removeHandler(h)
-        h.close()
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)

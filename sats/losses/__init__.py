@@ -1,7 +1,7 @@
 """sats.losses: pure, vectorised loss blocks that the methods compose.
 
 Per-pixel losses default to the reference reduction ``"all_pixels"``: sum over pixels divided
-by all pixels of the batch, ignored (255) pixels included (METHODS.md §3 notation).
+by all pixels of the batch, ignored (255) pixels included (docs/methods.md §3 notation).
 """
 
 from sats.losses.ce import (

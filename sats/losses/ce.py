@@ -1,10 +1,10 @@
-"""Classification losses on label maps: CE, MiB's unbiased CE, multi-label BCE (METHODS.md §3.1, §3.3, §3.8).
+"""Classification losses on label maps: CE, MiB's unbiased CE, multi-label BCE (docs/methods.md §3.1, §3.3, §3.8).
 
 Shapes: logits ``(B, K, H, W)`` (any float dtype; computed in float32), labels ``(B, H, W)``
 int64 channel indices with ``255`` = ignore. Every loss is computed per pixel and then
 reduced by :func:`reduce_pixel_loss`:
 
-* ``"all_pixels"`` (default, the reference's convention, METHODS.md §3 notation and §6 item 17):
+* ``"all_pixels"`` (default, the reference's convention, docs/methods.md §3 notation and §6 item 17):
   sum over pixels divided by **all** pixels of the batch ``B·H·W``, ignored pixels included
   (they contribute 0). The published numbers depend on it.
 * ``"valid_pixels"``: sum divided by the number of non-ignored pixels (PyTorch's usual CE
@@ -129,7 +129,7 @@ def unbiased_cross_entropy(
     num_old: int,
     reduction: Reduction = "all_pixels",
 ) -> Tensor:
-    """MiB's unbiased cross-entropy (UNCE, METHODS.md §3.8).
+    """MiB's unbiased cross-entropy (UNCE, docs/methods.md §3.8).
 
     The background absorbs every old channel:
     ``log p̂(0) = logsumexp_{k < num_old} z_k − logsumexp_k z_k``; a new channel ``c ≥ num_old``

@@ -1,4 +1,4 @@
-"""Parameter-importance regularisers: EWC, RW and PI (METHODS.md §3.5–3.7).
+"""Parameter-importance regularisers: EWC, RW and PI (docs/methods.md §3.5–3.7).
 
 All three penalise ``λ Σ_k Î_k (θ_k − θ_k^old)²`` over parameters that exist in
 the old model (new heads are free), with an importance ``Î`` from the previous
@@ -202,7 +202,7 @@ class ImportanceTracker:
             if previous is None:
                 warnings.warn(
                     f"{type(self).__name__}: an old model is given but there is no importance "
-                    "from the previous step, so the penalty is off for this step (METHODS.md §6 item 16)",
+                    "from the previous step, so the penalty is off for this step (docs/methods.md §6 item 16)",
                     stacklevel=2,
                 )
             else:

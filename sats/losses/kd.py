@@ -50,7 +50,7 @@ def kd_old_channels(
     mask: Optional[Tensor] = None,
     reduction: Reduction = "all_pixels",
 ) -> Tensor:
-    """LwF / ILT knowledge distillation restricted to the old channels (METHODS.md §3.2, §3.4).
+    """LwF / ILT knowledge distillation restricted to the old channels (docs/methods.md §3.2, §3.4).
 
     Per pixel ``−(1/K_{t−1}) Σ_{c<K_{t−1}} q_c log p'_c`` with ``q = softmax(z̄ / T)`` and ``p'`` the
     softmax of the new logits **restricted to the old channels**, ``softmax(z[:, :K_{t−1}] / T)``
@@ -110,7 +110,7 @@ def unbiased_kd(
     mask: Optional[Tensor] = None,
     reduction: Reduction = "all_pixels",
 ) -> Tensor:
-    """MiB's unbiased knowledge distillation (UNKD, METHODS.md §3.8).
+    """MiB's unbiased knowledge distillation (UNKD, docs/methods.md §3.8).
 
     The new model's background absorbs the new channels:
     ``log p̃(0) = logsumexp_{k ∈ {0} ∪ C^t} z_k − logsumexp_k z_k``; an old class ``0 < c < K_{t−1}``
@@ -124,7 +124,7 @@ def unbiased_kd(
 
 
 def bce_kd(new_logits: Tensor, old_logits: Tensor) -> Tensor:
-    """LwF-MC's soft-target sigmoid distillation (METHODS.md §3.3), without the method weight λ = 10.
+    """LwF-MC's soft-target sigmoid distillation (docs/methods.md §3.3), without the method weight λ = 10.
 
     Returns ``K_{t−1} · mean_{b, c<K_{t−1}, h, w} BCEWithLogits(z_c, σ(z̄_c))``: the mean over every
     element of the old channels, multiplied by the number of old channels (the reference's

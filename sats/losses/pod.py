@@ -1,4 +1,4 @@
-"""PLOP's local POD (pooled outputs distillation, METHODS.md §3.9).
+"""PLOP's local POD (pooled outputs distillation, docs/methods.md §3.9).
 
 The math follows PLOP's ``features_distillation(..., collapse_channels="local")`` with PLOP's
 preset (``pod_options = {"switch": {"after": {"extra_channels": "sum", "factor": ..., "type": "local"}}}``),
@@ -150,7 +150,7 @@ def local_pod_loss(
     *,
     skip_unfit_scales: bool = False,
 ) -> Tensor:
-    """PLOP's local POD loss ``(1/L) Σ_l λ_l · sqrt(K_t / |C^t|) · ℓ_l`` (METHODS.md §3.9). Scalar float32.
+    """PLOP's local POD loss ``(1/L) Σ_l λ_l · sqrt(K_t / |C^t|) · ℓ_l`` (docs/methods.md §3.9). Scalar float32.
 
     Args:
         old_maps / new_maps: ``L`` maps each, ``(B, C_l, H_l, W_l)`` pairwise; DeepLab: 4 stage
@@ -162,8 +162,14 @@ def local_pod_loss(
         num_classes_seen: ``K_t``; num_new: ``|C^t|`` (the POD schedule ``sqrt(K_t/|C^t|)``).
         skip_unfit_scales: for each map, drop the scales ``s`` whose regions would be empty
             (``⌊min(H_l, W_l)/s⌋ = 0``, e.g. scale 4 on a 2×2 stage-4 map of a small crop) instead of
-            raising. The reference gets NaN there and silently drops the whole layer (§6 item 24);
-            at the paper's 512 crops every map is ≥ 16 px and nothing is dropped.
+            raising. On square maps this is what the reference does: its region side
+            ``k = ⌊W/s⌋`` is 0, every region slice is empty, and the scale adds nothing (the loss
+            is the same as here). The reference gets NaN only on maps **wider than tall** whose
+            bottom row band falls off the map, ``(s−1)·⌊W/s⌋ ≥ H`` with ``⌊W/s⌋ ≥ 1`` (e.g. 2×4 or
+            6×8 at scale 4): a region with columns but no rows averages over nothing. It then
+            drops the whole layer (its loss counts as 0, the layer still counts in ``L``;
+            §6 item 24). Here such maps get a finite loss (rows use ``⌊H/s⌋``, see the module
+            docstring). At the paper's 512 crops every map is square and ≥ 16 px: nothing differs.
     """
     if len(old_maps) != len(new_maps) or not old_maps:
         raise ValueError(f"local_pod_loss: got {len(old_maps)} old and {len(new_maps)} new maps (need the same number > 0)")

@@ -1,4 +1,4 @@
-"""PLOP's entropy pseudo-labels: uncertainty, per-class median thresholds, relabelling (METHODS.md §3.9).
+"""PLOP's entropy pseudo-labels: uncertainty, per-class median thresholds, relabelling (docs/methods.md §3.9).
 
 Two uncertainty scalings exist (§6 item 11):
 
@@ -90,7 +90,7 @@ class ThresholdAccumulator:
         mode: ``"correct"`` — the true median, interpolated linearly inside the bin where the
             cumulative count reaches half the total; ``"reference"`` — the reference's loop, whose
             running sum adds the *bin index* instead of the bin count (thresholds collapse to
-            ≈ 0.005; METHODS.md §3.9, §6 item 11).
+            ≈ 0.005; docs/methods.md §3.9, §6 item 11).
         device: where the histogram lives.
     """
 
@@ -177,7 +177,7 @@ def entropy_pseudo_labels(
 
     Background pixels are those with a label ``< num_old``: the label 0 (old and future classes
     after remapping) and, on memory images, old-class ground truth — the reference
-    (``labels < old_classes``) overwrites it too (METHODS.md §3.12); ``keep_old_labels=True``
+    (``labels < old_classes``) overwrites it too (docs/methods.md §3.12); ``keep_old_labels=True``
     keeps old ground truth and treats only label 0 as background. For a background pixel,
     ``ĉ = argmax_c z̄_c``; the pixel becomes ``ĉ`` if ``u < τ_ĉ`` (ĉ may be 0), else 255.
     Current-class labels and 255 are kept.

@@ -1,4 +1,4 @@
-"""Shared base of the importance-regularised methods EWC, RW and PI (METHODS.md §3.5–3.7).
+"""Shared base of the importance-regularised methods EWC, RW and PI (docs/methods.md §3.5–3.7).
 
 ``L = CE(z, y) + λ Σ_k Î_k (θ_k − θ_k^old)²`` at steps > 0, with ``λ = lambda_reg`` (100) and ``Î``
 the previous step's importance, min-max normalised per parameter tensor. Only parameters that exist
@@ -20,7 +20,7 @@ One iteration (the engine's hooks, in order):
    the penalty's backward), and no second backward is needed (it would clash with DDP's hooks).
 
 Every step accumulates importance, step 0 included, so these methods train their own step 0
-(``step0 = None``: a plain-CE step 0 is never shared with them, METHODS.md §4.2). At step ``t ≥ 1``
+(``step0 = None``: a plain-CE step 0 is never shared with them, docs/methods.md §4.2). At step ``t ≥ 1``
 a step ``t−1`` checkpoint without importance (a foreign step 0, e.g. FT's) raises
 :class:`MissingImportanceError` instead of training with the penalty silently off (§6 item 16).
 
@@ -57,7 +57,7 @@ NamedParameters = List[Tuple[str, torch.nn.Parameter]]
 
 
 class MissingImportanceError(RuntimeError):
-    """A step ``t ≥ 1`` of EWC/RW/PI found no importance from step ``t−1`` (METHODS.md §6 item 16)."""
+    """A step ``t ≥ 1`` of EWC/RW/PI found no importance from step ``t−1`` (docs/methods.md §6 item 16)."""
 
 
 @dataclass
@@ -142,7 +142,7 @@ class ImportanceMethod(Method):
                 f"method {self.name!r}, step {ctx.step}: the step {ctx.step - 1} checkpoint in {ctx.run_dir} holds "
                 f"no finished {self.tracker_kind!r} importance (its method state is {found}, e.g. a step-0 "
                 "checkpoint of a plain-CE method such as FT), so the penalty would be silently off "
-                f"(METHODS.md §6 item 16). Train step {ctx.step - 1} with method {self.name!r} instead.")
+                f"(docs/methods.md §6 item 16). Train step {ctx.step - 1} with method {self.name!r} instead.")
         self.tracker.begin_step(self._params, old_params)
         if ctx.step > 0 and not self.tracker.penalty_active:
             raise MissingImportanceError(f"method {self.name!r}, step {ctx.step}: no parameter of the old model "

@@ -1,4 +1,4 @@
-"""Entropy pseudo-label thresholds of one step, shared by PLOP and SATS (METHODS.md §3.9, §6 items 10–12).
+"""Entropy pseudo-label thresholds of one step, shared by PLOP and SATS (docs/methods.md §3.9, §6 items 10–12).
 
 Method-agnostic: a method holds one :class:`EntropyThresholds`, calls :meth:`~EntropyThresholds.prepare`
 in ``begin_step`` (steps > 0) and :meth:`~EntropyThresholds.pseudo_labels` in ``loss``, and puts

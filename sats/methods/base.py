@@ -200,11 +200,20 @@ def iter_methods() -> Iterator[Type[Method]]:
     return (_REGISTRY[k] for k in list_methods())
 
 
+def _spelling(name: str) -> str:
+    return str(name).strip().lower().replace("-", "_")
+
+
 def get_method_class(name: str) -> Type[Method]:
-    key = name.lower()
-    if key not in _REGISTRY:
+    """The method registered as ``name``, in any case and with ``-`` or ``_`` (the reference's "LWF-MC" is
+    ``lwf_mc``, "MiB" is ``mib``)."""
+    key = str(name).strip().lower()
+    if key in _REGISTRY:
+        return _REGISTRY[key]
+    matches = [cls for registered, cls in _REGISTRY.items() if _spelling(registered) == _spelling(key)]
+    if len(matches) != 1:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(list_methods())}")
-    return _REGISTRY[key]
+    return matches[0]
 
 
 def validate_method_config(section: Dict[str, Any]) -> Dict[str, Any]:
@@ -212,11 +221,11 @@ def validate_method_config(section: Dict[str, Any]) -> Dict[str, Any]:
     from sats.config import ConfigError
 
     section = dict(section)
-    name = str(section.pop("name", "ft")).lower()
     try:
-        cls = get_method_class(name)
+        cls = get_method_class(str(section.pop("name", "ft")))
     except ValueError as exc:
         raise ConfigError(f"method.name: {exc}") from exc
+    name = cls.name
     try:
         params = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls.Params), section))
     except OmegaConfBaseException as exc:

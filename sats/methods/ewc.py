@@ -1,4 +1,4 @@
-"""EWC: CE + λ · Σ F̂ (θ − θ_old)², F an online EMA of squared gradients (METHODS.md §3.5).
+"""EWC: CE + λ · Σ F̂ (θ − θ_old)², F an online EMA of squared gradients (docs/methods.md §3.5).
 
 ``F ← α g² + (1 − α) F`` after every backward of the main loss (``F₀ = 1``, α = 0.9), carried across
 steps; the penalty of step ``t`` uses step ``t−1``'s ``F``, min-max normalised per tensor, with

@@ -1,4 +1,4 @@
-"""FT: plain fine-tuning with cross-entropy (METHODS.md §3.1), the lower bound."""
+"""FT: plain fine-tuning with cross-entropy (docs/methods.md §3.1), the lower bound."""
 
 from __future__ import annotations
 

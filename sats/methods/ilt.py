@@ -1,4 +1,4 @@
-"""ILT: CE + output distillation + encoder-feature distillation (METHODS.md §3.4).
+"""ILT: CE + output distillation + encoder-feature distillation (docs/methods.md §3.4).
 
 ``L = CE(z, y) + λ_kd · KD_old(z, z̄) + λ_de · MSE(body, body_old)`` at steps > 0, with the
 reference's λ_kd = λ_de = 10 (PLOP/MiB ran ILT with 100/100). KD is LwF's (§3.2); the MSE is a

@@ -1,4 +1,4 @@
-"""LwF: cross-entropy plus distillation of the old model's softmax on the old channels (METHODS.md §3.2).
+"""LwF: cross-entropy plus distillation of the old model's softmax on the old channels (docs/methods.md §3.2).
 
 ``L = CE(z, y) + λ_kd · KD(z[:, :K_{t−1}], z̄)`` at steps > 0 (λ_kd = 100, temperature 1); step 0 is
 plain CE and shares its checkpoint with FT, ILT, MiB, PLOP and SATS (§4.2). Default head init.

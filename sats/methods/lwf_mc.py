@@ -1,4 +1,4 @@
-"""LwF-MC: iCaRL-style multi-label sigmoid BCE with soft-target distillation (METHODS.md §3.3).
+"""LwF-MC: iCaRL-style multi-label sigmoid BCE with soft-target distillation (docs/methods.md §3.3).
 
 ``L = BCE(z, onehot(y)) + λ_kd · K_{t−1} · mean BCE(σ(z[:, :K_{t−1}]), σ(z̄))`` with λ_kd = 10. The
 classification loss is BCE **at step 0 too**, so its step 0 is keyed ``"bce"`` and is never shared

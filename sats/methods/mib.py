@@ -1,4 +1,4 @@
-"""MiB: unbiased cross-entropy + unbiased distillation, background-based head init (METHODS.md §3.8).
+"""MiB: unbiased cross-entropy + unbiased distillation, background-based head init (docs/methods.md §3.8).
 
 ``L = UNCE(z, y) + λ_kd · UNKD(z, z̄)`` at steps > 0. UNCE lets the background absorb every old
 channel; UNKD lets the new model's background absorb the new channels. New heads copy the

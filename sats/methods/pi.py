@@ -1,4 +1,4 @@
-"""PI (Path Integral / Synaptic Intelligence): importance from the loss change along the path (METHODS.md §3.7).
+"""PI (Path Integral / Synaptic Intelligence): importance from the loss change along the path (docs/methods.md §3.7).
 
 Every iteration ``δ += −g·(θ − θ_prev)``; at the end of a step
 ``ω = max(0, δ / ((θ − θ_start)² + 1e-20)) + ω_prev`` (``θ_start``: the old model's value, or for new

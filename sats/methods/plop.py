@@ -1,4 +1,4 @@
-"""PLOP: CE on entropy pseudo-labels + local POD distillation, background-based head init (METHODS.md §3.9).
+"""PLOP: CE on entropy pseudo-labels + local POD distillation, background-based head init (docs/methods.md §3.9).
 
 ``L = CE(z, ỹ) [· ν] + L_pod`` at steps > 0; step 0 is plain CE (shared, §4.2).
 

@@ -1,4 +1,4 @@
-"""RW (Riemannian Walk): EWC's ``F`` plus a path score ``s`` (METHODS.md §3.6).
+"""RW (Riemannian Walk): EWC's ``F`` plus a path score ``s`` (docs/methods.md §3.6).
 
 Penalty ``λ Σ (F̂ + ŝ)(θ − θ_old)²`` (λ = 100, both terms min-max normalised per tensor). ``F`` is
 EWC's EMA (α = 0.9); every ``score_interval`` (10) iterations ``s += −g·Δθ / (½ F Δθ² + 1e-8)``

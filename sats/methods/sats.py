@@ -1,4 +1,4 @@
-"""SATS: self-attention transfer with class-specific region pooling (METHODS.md §3.13).
+"""SATS: self-attention transfer with class-specific region pooling (docs/methods.md §3.13).
 
 At steps > 0 SATS is the composition
 
@@ -21,9 +21,13 @@ Switches:
 * ``reference_attention_layout``: the reference reshapes the ``(B, heads, N, M)`` attention to
   ``(B, h, w, heads, M)`` without moving the head axis, which scrambles the class pooling in
   stages 2–4 (§6 item 9). The published numbers were obtained with it; default False (correct).
-* ``pooling``: ``class`` (SATS), ``global`` (the GP ablation), ``none`` (the NP ablation).
-  ``reference_ablation_weight``: the released code multiplies only the class-pooled variant
-  by λ_sat, so GP/NP silently use weight 1 there (§6 item 23).
+* ``pooling``: ``class`` (SATS), ``global`` (the GP ablation), ``none`` (the NP ablation),
+  ``plop`` (the paper's ``plop-selfattn`` ablation, "PLOP on the attention maps": in the reference
+  the mean per-row L2 distance of the full attention maps × 100 × sqrt(K_t/|C^t|), no POD pooling;
+  :func:`sats.losses.attention.plop_attention_loss`; source=attention only).
+  ``reference_ablation_weight``: the released code multiplies only the class-pooled *attention*
+  variant (``sats-selfattn``) by λ_sat, so GP, NP, plop-selfattn and the CNN-feature variant
+  silently use weight 1 there (docs/methods.md §3.13, §6 item 23).
 * ``source``: ``attention`` (SegFormer) or ``features`` (the CNN-feature variant for DeepLab,
   ``sats-feature-CNN``: the same class pooling on the 4 stage maps and the decoder/ASPP feature;
   the reference divides the sum over its 5 maps by 4: ``reference_feature_divisor``).
@@ -36,13 +40,13 @@ from typing import Any, Dict
 
 from torch import Tensor
 
-from sats.losses.attention import sats_attention_loss, sats_feature_loss
+from sats.losses.attention import plop_attention_loss, sats_attention_loss, sats_feature_loss
 from sats.losses.kd import unbiased_kd
 from sats.methods._pseudo import PseudoLabelMethod, ThresholdParams
 from sats.methods.base import StepContext, register_method
 from sats.methods.lwf import check_weight
 
-POOLINGS = ("class", "global", "none")
+POOLINGS = ("class", "global", "none", "plop")
 SOURCES = ("attention", "features")
 
 
@@ -50,10 +54,10 @@ SOURCES = ("attention", "features")
 class SATSParams(ThresholdParams):
     lambda_kd: float = 20.0  # weight of MiB's unbiased KD
     lambda_sat: float = 20.0  # weight of the attention-transfer loss (ADE 25-25 / 50-10: 30)
-    pooling: str = "class"  # class (SATS) | global (GP ablation) | none (NP ablation)
+    pooling: str = "class"  # class (SATS) | global (GP) | none (NP) | plop (plop-selfattn ablation)
     source: str = "attention"  # attention (SegFormer) | features (CNN-feature variant, DeepLab)
     reference_attention_layout: bool = False  # reproduce the reference's head/space reshape (§6 item 9)
-    reference_ablation_weight: bool = False  # GP/NP get weight 1 as in the released code (§6 item 23)
+    reference_ablation_weight: bool = False  # λ_sat only for attention+class, else 1, as released (§6 item 23)
     reference_feature_divisor: bool = False  # features: divide the 5-map sum by 4 as the reference
     adaptive_factor: bool = False  # multiply the CE by PLOP's ν (the reference computes it, never applies it)
 
@@ -87,15 +91,23 @@ class SATS(PseudoLabelMethod):
         p = self.params
         return {
             "unkd": p.lambda_kd * unbiased_kd(out.logits, old_out.logits, reduction=p.reduction),
-            "sat": self._transfer_weight() * self._transfer(out, old_out, pseudo_labels, ctx.num_outputs),
+            "sat": self._transfer_weight() * self._transfer(out, old_out, pseudo_labels, ctx.num_outputs,
+                                                            ctx.num_old),
         }
 
     def _transfer_weight(self) -> float:
+        """λ_sat; with ``reference_ablation_weight`` only ``sats-selfattn`` (attention, class pooling)
+        gets it and every other variant weight 1, as in the released code (docs/methods.md §6 item 23)."""
         p = self.params
-        return 1.0 if p.reference_ablation_weight and p.pooling != "class" else p.lambda_sat
+        if p.reference_ablation_weight and not (p.source == "attention" and p.pooling == "class"):
+            return 1.0
+        return p.lambda_sat
 
-    def _transfer(self, out, old_out, pseudo: Tensor, pseudo_channels: int) -> Tensor:
+    def _transfer(self, out, old_out, pseudo: Tensor, pseudo_channels: int, num_old: int) -> Tensor:
         p = self.params
+        if p.pooling == "plop":  # plop-selfattn: ×100·sqrt(K_t/|C^t|) is part of its formula
+            return plop_attention_loss(out.attentions, old_out.attentions, num_classes_seen=pseudo_channels,
+                                       num_new=pseudo_channels - num_old)
         if p.source == "attention":
             return sats_attention_loss(out.attentions, old_out.attentions, pseudo, pooling=p.pooling,
                                        reference_layout=p.reference_attention_layout,

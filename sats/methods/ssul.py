@@ -1,4 +1,4 @@
-"""SSUL: unknown channel, sigmoid BCE, frozen network after step 0 (METHODS.md §2.5, §3.11).
+"""SSUL: unknown channel, sigmoid BCE, frozen network after step 0 (docs/methods.md §2.5, §3.11).
 
 **Channels.** The model has one extra output, the *unknown* channel, right after the background:
 model channels ``[bg, unknown, C^0\\{0}, C^1, …]`` (``extra_channels = 1`` enlarges head 0). Labels
@@ -15,6 +15,13 @@ old and future classes) are relabelled, in this order:
    old class (model channel ≥ 2): that channel;
 2. else, where the saliency is ``≥ saliency_threshold`` (0.5): unknown (model channel 1);
 3. else: background.
+
+This is SSUL's own rule (the default). ``reference_unknown_rule=True`` gives the SATS reference's
+rule 2 instead (docs/methods.md §3.11, correction): unknown only where **no** channel is confident,
+``max_c σ(z̄_c) ≤ old_threshold`` over every channel (background and unknown included), and the
+pixel is salient. Where the old model is confident that a salient pixel is background or unknown,
+the reference leaves it background; SSUL's rule makes it unknown. At step 0 (no old model) the two
+rules agree.
 
 Ground-truth labels (the new classes; on exemplar-memory images also the old classes) are kept.
 Unknown labels exist only at ``t > 0`` as in the reference; ``unknown_at_step0`` applies rule 2 at
@@ -67,21 +74,28 @@ def unshift_channels(channels: Tensor) -> Tensor:
 
 
 def ssul_labels(labels: Tensor, old_logits: Optional[Tensor], saliency: Optional[Tensor],
-                old_threshold: float = 0.5, saliency_threshold: float = 0.5) -> Tensor:
+                old_threshold: float = 0.5, saliency_threshold: float = 0.5,
+                reference_unknown_rule: bool = False) -> Tensor:
     """SSUL training targets in model channels ``(B, H, W)`` int64 (module docstring, rules 1–3).
 
     Args:
         labels: ``(B, H, W)`` task channels, 255 = ignore.
         old_logits: ``(B, K_{t−1} + 1, H, W)`` old-model logits in model channels, or None (step 0).
         saliency: ``(B, H, W)`` probabilities in [0, 1], or None (no unknown labels).
+        reference_unknown_rule: unknown only where no old-model channel is confident (the SATS
+            reference's rule, docs/methods.md §3.11) instead of wherever no old *class* is confident
+            (SSUL's rule, the default).
     """
     target = shift_labels(labels)
     free = labels == 0
     if old_logits is not None:
         confidence, channel = torch.sigmoid(old_logits.detach().float()).max(dim=1)
-        old_class = free & (confidence > old_threshold) & (channel >= FIRST_CLASS)
+        confident = confidence > old_threshold
+        old_class = free & confident & (channel >= FIRST_CLASS)
         target = torch.where(old_class, channel, target)
-        free = free & ~old_class
+        # SSUL: every pixel not taken by an old class may become unknown; the reference: only the
+        # pixels on which no channel (background and unknown included) is confident
+        free = free & ~(confident if reference_unknown_rule else old_class)
     if saliency is not None:
         unknown = free & (saliency >= saliency_threshold)
         target = torch.where(unknown, torch.full_like(target, UNKNOWN), target)
@@ -95,6 +109,7 @@ class SSULParams(CEParams):
     unknown_at_step0: bool = False  # unknown labels at step 0 too (SSUL's own protocol; the reference: t > 0 only)
     saliency_model: Optional[str] = None  # "package.module:factory" of a SaliencyModel instead of data.saliency_root
     freeze_bn: bool = False  # BN layers in eval mode at steps > 0 (SSUL's --bn_freeze); the reference: False
+    reference_unknown_rule: bool = False  # unknown only where no old channel is confident (the SATS reference)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -164,7 +179,8 @@ class SSUL(Method):
         p = self.params
         old_logits = require_old_logits(old_out, self.name) if ctx.step > 0 else None
         saliency = self._saliency(batch) if self._unknown_at(ctx.step) else None
-        target = ssul_labels(batch.labels, old_logits, saliency, p.old_threshold, p.saliency_threshold)
+        target = ssul_labels(batch.labels, old_logits, saliency, p.old_threshold, p.saliency_threshold,
+                             reference_unknown_rule=p.reference_unknown_rule)
         return {"bce": multilabel_bce(out.logits, target, reduction=p.reduction)}
 
     def predict(self, logits: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""Incremental classifier: one 1×1 conv (with bias) per step, outputs concatenated (METHODS.md §2.3)."""
+"""Incremental classifier: one 1×1 conv (with bias) per step, outputs concatenated (docs/methods.md §2.3)."""
 
 import math
 

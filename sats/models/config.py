@@ -1,4 +1,4 @@
-"""Typed defaults of every model option (METHODS.md §2).
+"""Typed defaults of every model option (docs/methods.md §2).
 
 `ModelConfig` is a plain dataclass that OmegaConf can use as a structured
 config, so its fields use only OmegaConf-supported types (str, int, float,

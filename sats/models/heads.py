@@ -13,7 +13,7 @@ from sats.models.resnet import LEAKY_SLOPE, activate, make_norm
 
 
 class SimpleHead(nn.Module):
-    """The reference's simplified all-MLP head (METHODS.md §2.2).
+    """The reference's simplified all-MLP head (docs/methods.md §2.2).
 
     Per stage a 1×1 conv with bias to ``D``, **nearest** upsampling to the
     stage-1 grid, concatenation in stage order 1→4 (``4·D`` channels) and a 1×1
@@ -72,7 +72,7 @@ class SegFormerHead(nn.Module):
 
 
 class ASPP(nn.Module):
-    """DeepLabV3 atrous spatial pyramid pooling on the last feature map (METHODS.md §2.1).
+    """DeepLabV3 atrous spatial pyramid pooling on the last feature map (docs/methods.md §2.1).
 
     Branches 1×1 and 3×3 with dilations ``dilations`` (no bias) -> concat ->
     BN+act -> 1×1 conv to ``D``; image pooling -> 1×1 conv -> BN+act -> 1×1 conv

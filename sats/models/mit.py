@@ -1,4 +1,4 @@
-"""Mix Transformer (MiT) encoder of SegFormer, B0-B5 (METHODS.md §2.2).
+"""Mix Transformer (MiT) encoder of SegFormer, B0-B5 (docs/methods.md §2.2).
 
 Parameter names follow the official NVlabs ``mit_b*.pth`` checkpoints
 (``patch_embed1.proj``, ``block1.0.attn.q``, ``.attn.kv``, ``.attn.sr``,

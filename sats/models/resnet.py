@@ -1,4 +1,4 @@
-"""Dilated ResNet-50/101 encoder for DeepLabV3 (METHODS.md §2.1).
+"""Dilated ResNet-50/101 encoder for DeepLabV3 (docs/methods.md §2.1).
 
 Parameter names are torchvision's (``conv1``, ``bn1``, ``layer1.0.conv1``,
 ``layer1.0.downsample.0/1`` …) so torchvision ImageNet checkpoints load as-is;

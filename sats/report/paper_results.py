@@ -1,11 +1,11 @@
-"""Published numbers of the SATS paper (METHODS.md §5.1), kept as data to compare runs with.
+"""Published numbers of the SATS paper (docs/methods.md §5.1), kept as data to compare runs with.
 
 Pascal VOC 2012, overlapped protocol, mIoU (%) after the final step. ``old`` is the mean
 IoU over the step-0 classes **including background** (columns "0-15", "0-5", "0-10"),
 ``new`` over every class added later, ``all`` over every class. Rows marked ★ in the
 paper's table (``quoted=True``) are copied there from the original publications, not run
 with the SATS code. ``None`` = "N/A" in the table. ADE20K has no transcribed numbers
-(METHODS.md §5.2), so nothing here matches an ADE run.
+(docs/methods.md §5.2), so nothing here matches an ADE run.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 SOURCE = ("SATS, Pattern Recognition 138 (2023) 109383: VOC table (images/sats_voc.png of "
-          "QIU023/SATS_Continual_Semantic_Seg), transcribed in METHODS.md §5.1")
+          "QIU023/SATS_Continual_Semantic_Seg), transcribed in docs/methods.md §5.1")
 
 PAPER_TASKS: Tuple[str, ...] = ("15-1", "15-5", "5-3", "10-1")
 """VOC tasks of the table, in column order (project task names equal the paper's)."""

@@ -7,7 +7,6 @@ palette. It shows how old classes fade under fine-tuning and survive under SATS.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -17,11 +16,12 @@ import torch
 
 from sats.config import ExperimentConfig, load_config
 from sats.data.tasks import Task
-from sats.engine.checkpoint import CheckpointError, load_checkpoint
+from sats.engine import results as results_io
 from sats.engine.data import ExperimentData
 from sats.engine.distributed import DistInfo
 from sats.methods.base import Method, build_method
-from sats.models.segmenter import Segmenter, build_segmenter
+from sats.engine.rundir import load_step_model
+from sats.models.segmenter import Segmenter
 from sats.report.overlay import colorize, denormalize
 from sats.report.runs import class_span
 
@@ -49,21 +49,14 @@ class RunContext:
         return [t for t in range(self.num_steps) if self.checkpoint(t).is_file()]
 
     def model(self, step: int) -> Segmenter:
-        """The end-of-step model of ``step`` in eval mode on the device."""
-        path = self.checkpoint(step)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no checkpoint for step {step} (finished steps: {self.finished_steps()})")
-        ckpt = load_checkpoint(path)
+        """The end-of-step model of ``step`` in eval mode on the device (the engine's strict loader)."""
         expected = self.method.model_head_sizes(self.task, step)  # + extra channels (SSUL's unknown)
-        if ckpt.get("head_sizes") != expected:
-            raise CheckpointError(f"{path}: heads {ckpt.get('head_sizes')} do not match the run's task "
-                                  f"{self.task.name!r} at step {step} (expected {expected})")
-        model = build_segmenter(dataclasses.replace(self.cfg.model, pretrained=None), expected)
-        missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-        if missing or unexpected:
-            raise CheckpointError(f"{path}: weights do not fit the model: missing {list(missing)[:8]}, "
-                                  f"unexpected {list(unexpected)[:8]}")
-        return model.to(self.device).eval()
+        model, _ = load_step_model(self.checkpoint(step), step, self.cfg.model, expected, self.task, self.device)
+        return model.eval()
+
+    def recorded_steps(self) -> List[int]:
+        """Steps with a results row (finished steps, whose checkpoints should exist)."""
+        return sorted(results_io.load_rows(self.run_dir))
 
     @property
     def palette(self) -> np.ndarray:
@@ -126,10 +119,13 @@ def predict_grid(ctx: RunContext, num_images: int = 4, steps: Optional[Sequence[
     finished = ctx.finished_steps()
     if not finished:
         raise FileNotFoundError(f"{ctx.run_dir / 'checkpoints'}: no step checkpoint yet")
-    steps = finished if steps is None else list(steps)
+    if steps is None:  # every finished step: one recorded in results.json must have its checkpoint
+        steps = sorted(set(finished) | set(ctx.recorded_steps()))
+    steps = list(steps)
     missing = [t for t in steps if t not in finished]
     if missing:
-        raise FileNotFoundError(f"{ctx.run_dir}: no checkpoint for step(s) {missing} (finished: {finished})")
+        raise FileNotFoundError(f"{ctx.run_dir}: no checkpoint for step(s) {missing} (steps with one: {finished}); "
+                                "--step chooses the steps to show")
     dataset = ctx.data.eval_loader(ctx.num_steps - 1, ctx.method.joint, "test", ctx.dist).dataset
     picked = _pick(ctx, dataset, num_images, start, ids)
     samples = [dataset[k] for k in picked]

@@ -1,0 +1,323 @@
+"""The run directory: its layout, the one-writer lock, the config record, the log, and the one
+way from a step checkpoint to a model.
+
+Files of a run directory::
+
+    config.yaml                      the resolved config (a run that has trained must keep it)
+    .lock                            held (flock) by the one `sats train` process writing here
+    checkpoints/step{t}.ckpt         end-of-step model + method state + results row (atomic, hashed)
+    checkpoints/step{t}-epoch.ckpt   last completed epoch (or mid-epoch stop) of the step in progress
+    checkpoints/discarded-<time>/    checkpoints set aside by ``--redo-step`` (never deleted)
+    memory/step{t}.json              exemplar memory of step t (image ids; only with memory.enabled)
+    results.json / results.md        one row per finished step
+    tb/  train.log                   tensorboard events, the log
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.handlers
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from sats.config import ExperimentConfig, config_to_dict, save_config
+from sats.data.tasks import Task
+from sats.engine.checkpoint import CheckpointError, load_checkpoint, load_state_strict, verify_checkpoint
+from sats.models.config import ModelConfig
+from sats.models.segmenter import Segmenter, build_segmenter
+
+log = logging.getLogger("sats")
+
+try:  # POSIX; elsewhere runs are not locked (logged once)
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
+
+class RunError(RuntimeError):
+    """A run directory or checkpoint does not match the experiment, or is in use."""
+
+
+#: config keys that may change between the starts of one run (logging, machine, paths)
+CONFIG_KEYS_FREE_TO_CHANGE = {"log", "train.threads", "train.log_every", "data.workers", "data.scan_workers",
+                              "data.check", "data.cache_dir", "output_dir", "run_dir", "train.dist_timeout_s",
+                              "device"}  # a run may move between machines (a GPU step, then a CPU one)
+
+
+class RunDir:
+    """Paths and bookkeeping of one run directory (nothing is created until asked)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._lock_fd: Optional[int] = None
+        self._created = False
+        self._start_records: Optional[logging.handlers.MemoryHandler] = None
+
+    # -- layout ---------------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / "train.log"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path / ".lock"
+
+    def step_checkpoint(self, t: int) -> Path:
+        return self.ckpt_dir / f"step{t}.ckpt"
+
+    def epoch_checkpoint(self, t: int) -> Path:
+        return self.ckpt_dir / f"step{t}-epoch.ckpt"
+
+    def has_trained(self) -> bool:
+        """Whether any step (or epoch) checkpoint or results row exists: the config is then fixed."""
+        return (self.path / "results.json").exists() or (self.ckpt_dir.is_dir() and
+                                                         any(self.ckpt_dir.glob("step*.ckpt")))
+
+    # -- one writer -----------------------------------------------------------------------------
+    def lock(self) -> None:
+        """Take the exclusive lock of the run directory (created if needed) or raise RunError naming the holder.
+
+        ``fcntl.flock`` locks belong to the open file: the OS releases them when the process dies
+        (also on SIGKILL), so a stale lock file never blocks a later run.
+        """
+        if self._lock_fd is not None:
+            return
+        self._created = not self.path.exists()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunError(f"cannot create the run directory {self.path}: {e.strerror or e}") from e
+        if fcntl is None:  # pragma: no cover
+            log.warning("this platform has no fcntl: %s is not locked against a second writer", self.path)
+            self._lock_fd = fd
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise RunError(f"{self.path} is in use by another sats process ({holder}); wait for it to finish or "
+                           f"stop it, or give this run another directory (name=... or run_dir=...)") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                 "command": " ".join(sys.argv)[:500]}).encode())
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is None:
+            return
+        if fcntl is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+    def abandon(self) -> None:
+        """After a failed start: release the lock and remove the directory if this start created it and
+        nothing but the lock file is in it (a typo never leaves a run directory behind)."""
+        created = self._created
+        self._drop_start_log()
+        self.unlock()
+        if created and self.path.is_dir() and [p.name for p in self.path.iterdir()] == [".lock"]:
+            self.lock_path.unlink(missing_ok=True)
+            try:
+                self.path.rmdir()
+            except OSError:
+                pass  # another process created something meanwhile: leave it
+
+    # -- config record --------------------------------------------------------------------------
+    def record_config(self, cfg: ExperimentConfig) -> None:
+        """Write ``config.yaml``, or check it: a run that has trained keeps its config (RunError naming the
+        keys that differ); one that has trained nothing takes the new config, with a log line."""
+        current = json.loads(json.dumps(config_to_dict(cfg), default=str))
+        if self.config_path.exists():
+            saved = json.loads(json.dumps(_load_yaml(self.config_path), default=str))
+            diff = config_diff(saved, current)
+            if not diff:
+                return
+            if self.has_trained():
+                raise RunError(f"{self.path} holds a run with another config ({'; '.join(diff[:5])}"
+                               f"{'; …' if len(diff) > 5 else ''}); choose another name/run_dir, or delete the "
+                               "directory to start over")
+            log.info("%s has trained nothing yet: its config is replaced (%s)", self.path, "; ".join(diff[:8]))
+        save_config(cfg, self.config_path)
+
+    def hold_start_log(self) -> None:
+        """Keep the log records of a start until :meth:`attach_log` writes them to ``train.log`` (a start that
+        fails validation leaves no log behind; one that passes has its data-check warnings in the log)."""
+        if self._start_records is None:
+            self._start_records = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
+            logging.getLogger("sats").addHandler(self._start_records)
+
+    def _drop_start_log(self) -> Optional[logging.handlers.MemoryHandler]:
+        held, self._start_records = self._start_records, None
+        if held is not None:
+            logging.getLogger("sats").removeHandler(held)
+        return held
+
+    def attach_log(self) -> None:
+        """Log to ``train.log`` from now on, after the records held since the start."""
+        handler = _attach_file_log(self.log_path)
+        held = self._drop_start_log()
+        if held is not None:
+            for record in held.buffer:
+                handler.handle(record)
+            held.close()
+
+    def remove_stale_temp_files(self) -> None:
+        for folder in (self.path, self.ckpt_dir):
+            if folder.is_dir():
+                _remove_stale_temp_files(folder)
+
+    # -- checkpoints of finished steps ----------------------------------------------------------
+    def verify_finished(self, t: int) -> None:
+        """RunError (with what to do) when step ``t``'s checkpoint, which a rerun would skip over, is damaged."""
+        path = self.step_checkpoint(t)
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as e:
+            raise RunError(f"step {t} finished earlier, but {e}. Its checkpoint is what later steps and "
+                           f"`sats test` rely on: retrain it with `sats train CONFIG --redo-step {t}` (the damaged "
+                           f"file and those of later steps are moved to {self.ckpt_dir}/discarded-<time>/), or "
+                           f"delete {path} and the checkpoints of the steps after it") from e
+
+    def discard_steps_from(self, t: int) -> List[Path]:
+        """Move the checkpoints (and memory files) of steps ≥ ``t`` aside and drop their results rows."""
+        from sats.engine import results as results_io
+
+        moved: List[Path] = []
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        target = self.ckpt_dir / f"discarded-{stamp}"
+        for path in sorted([*self.ckpt_dir.glob("step*.ckpt"), *(self.path / "memory").glob("step*.json")]):
+            step = _step_of(path.name)
+            if step is not None and step >= t:
+                target.mkdir(parents=True, exist_ok=True)
+                dest = target / (path.name if path.parent == self.ckpt_dir else f"memory-{path.name}")
+                path.replace(dest)
+                moved.append(dest)
+        rows = results_io.load_rows(self.path)
+        if any(k >= t for k in rows):
+            header = {k: v for k, v in results_io.load(self.path).items() if k != "steps"}
+            results_io.write(self.path, header, {k: v for k, v in rows.items() if k < t})
+        if moved:
+            log.info("--redo-step %d: moved %d file(s) to %s", t, len(moved), target)
+        return moved
+
+
+def _step_of(name: str) -> Optional[int]:
+    digits = name[4:].split("-", 1)[0].split(".", 1)[0]
+    return int(digits) if name.startswith("step") and digits.isdigit() else None
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        info = json.loads(os.read(fd, 4096).decode() or "{}")
+    except (OSError, ValueError):
+        return "its PID is unknown"
+    return (f"PID {info.get('pid', '?')} on {info.get('host', '?')}, started {info.get('started', '?')}: "
+            f"{info.get('command', '')}").strip()
+
+
+# -- from a step checkpoint to a model --------------------------------------------------------------
+def check_step_checkpoint(ckpt: Dict[str, Any], path: Path, t: int, head_sizes: List[int], backbone: str,
+                          task: Task) -> None:
+    """RunError when a step-``t`` checkpoint does not belong to this run's model and task."""
+    if ckpt.get("head_sizes") != head_sizes or ckpt.get("backbone") != backbone:
+        raise RunError(f"{path}: checkpoint of backbone {ckpt.get('backbone')!r} with heads "
+                       f"{ckpt.get('head_sizes')} does not match this run ({backbone!r}, heads {head_sizes} at "
+                       f"step {t})")
+    saved = ckpt.get("task")  # the classes of steps 0..t must agree (later steps may differ: 15-5 vs 15-1)
+    ours = {"dataset": task.dataset, "steps": [list(c) for c in task.steps[:t + 1]]}
+    if saved is not None and {"dataset": saved.get("dataset"), "steps": saved.get("steps", [])[:t + 1]} != ours:
+        raise RunError(f"{path}: checkpoint of task {saved.get('dataset')}/{saved.get('name')} with classes "
+                       f"{saved.get('steps', [])[:t + 1]} up to step {t}; this run's task "
+                       f"{task.dataset}/{task.name} has {ours['steps']}")
+
+
+def load_step_model(path: Path, t: int, model_cfg: ModelConfig, head_sizes: List[int], task: Task,
+                    device: torch.device | str = "cpu") -> tuple[Segmenter, Dict[str, Any]]:
+    """The model saved at the end of step ``t`` (verified file, matching heads and task, strict load) and
+    the checkpoint dict; the model is on ``device``. Every reader of step checkpoints goes through here."""
+    if not path.is_file():
+        raise RunError(f"{path}: step {t} has no checkpoint (has step {t} finished?)")
+    ckpt = load_checkpoint(path)
+    check_step_checkpoint(ckpt, path, t, head_sizes, model_cfg.backbone, task)
+    model = build_segmenter(_without_pretrained(model_cfg), head_sizes)
+    load_state_strict(model, ckpt["model"], path)
+    return model.to(device), ckpt
+
+
+def _without_pretrained(model_cfg: ModelConfig) -> ModelConfig:
+    import dataclasses
+
+    return dataclasses.replace(model_cfg, pretrained=None)
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+def _remove_stale_temp_files(folder: Path) -> None:
+    """Delete ``*.tmp-<pid>`` files that atomic writes of a killed process left (never a live process's)."""
+    for tmp in folder.glob("*.tmp-*"):
+        pid = tmp.name.rsplit(".tmp-", 1)[1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            log.info("removing %s, left by a run that was killed while writing it", tmp)
+            tmp.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _load_yaml(path: Path) -> Dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(path))  # type: ignore[return-value]
+
+
+def config_diff(a: Any, b: Any, prefix: str = "") -> List[str]:
+    """Keys whose values differ between two nested dicts (ignoring :data:`CONFIG_KEYS_FREE_TO_CHANGE`)."""
+    if prefix.rstrip(".") in CONFIG_KEYS_FREE_TO_CHANGE:
+        return []
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: List[str] = []
+        for k in sorted(set(a) | set(b)):
+            out += config_diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} → {b!r}"]
+
+
+def _attach_file_log(path: Path) -> logging.FileHandler:
+    """Log to ``path``; a previous run's file handler in this process (e.g. the demo's runs) is closed."""
+    root = logging.getLogger("sats")
+    for h in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        if Path(h.baseFilename) == path.resolve():
+            return h
+        root.removeHandler(h)
+        h.close()
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(min(root.level or logging.INFO, logging.INFO))
+    return handler
