@@ -42,9 +42,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from sats.config import ExperimentConfig, load_config  # noqa: E402
+from sats.config import ExperimentConfig  # noqa: E402
+
+from sats.experiment import load_experiment  # noqa: E402
 from sats.data.tasks import get_task  # noqa: E402
-from sats.engine.checkpoint import write_json_atomic, write_text_atomic  # noqa: E402
+from sats.io import write_json_atomic, write_text_atomic  # noqa: E402
 from sats.report.runs import RunResult, load_run  # noqa: E402
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -92,7 +94,7 @@ def run_one(method: str, task: str, seed: int, work_dir: Path, cache_dir: Option
               "log.tensorboard=false", "log.overlay_images=0"]
     if cache_dir is not None:
         values.append(f"data.cache_dir={cache_dir}")
-    cfg: ExperimentConfig = load_config(method_config_path(method, work_dir), [*values, *overrides])
+    cfg: ExperimentConfig = load_experiment(method_config_path(method, work_dir), [*values, *overrides])
     method = build_method(cfg.method)
     steps = 1 if method.joint else get_task(task_dataset_name(cfg.data), cfg.data.task, cfg.data.order).num_steps
     if not cfg.data.saliency_root and any(method.needs_saliency_at(t) for t in range(steps)):

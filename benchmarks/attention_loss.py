@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from sats.engine.checkpoint import write_json_atomic
+from sats.io import write_json_atomic
 from sats.losses.attention import downsample_labels, sats_attention_loss
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

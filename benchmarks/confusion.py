@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sats.engine.checkpoint import write_json_atomic
+from sats.io import write_json_atomic
 from sats.engine.evaluator import ConfusionMatrix
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

@@ -21,7 +21,7 @@ What one measurement does (a fresh subprocess per configuration unless ``--no-is
    their entropy thresholds there: ``ctx.train_loader`` yields the measured batch once, so the
    thresholds are the per-class medians on that batch and about half of the background pixels are
    accepted), ``--warmup`` iterations, then the memory peak of up to 2 iterations. An iteration is
-   the runner's sequence (:func:`train_iteration`): ``model(x, need)`` and, under ``no_grad``,
+   the engine's own :func:`sats.engine.loop.train_iteration`: ``model(x, need)`` and, under ``no_grad``,
    ``old_model(x, old_needs)`` → ``method.loss`` → sum → ``zero_grad`` → backward → unscale →
    loss/gradient finiteness check (one host sync, as the runner) → ``after_backward`` → optimiser
    and scheduler step → ``after_optimizer_step``.
@@ -77,13 +77,18 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from sats.config import ExperimentConfig, TrainConfig, load_config  # noqa: E402
+from sats.config import ExperimentConfig, TrainConfig  # noqa: E402
+
+from sats.experiment import load_experiment  # noqa: E402
 from sats.data.tasks import Task, get_task  # noqa: E402
-from sats.engine.checkpoint import write_json_atomic, write_text_atomic  # noqa: E402
+from sats.engine.cache import ArtifactCache  # noqa: E402
 from sats.engine.data import joint_task  # noqa: E402
 from sats.engine.evaluator import ConfusionMatrix  # noqa: E402
+from sats.engine.loop import Optimisation  # noqa: E402
+from sats.engine.loop import train_iteration as engine_iteration  # noqa: E402
 from sats.engine.optim import (amp_dtype, autocast_factory, build_grad_scaler, build_optimizer,  # noqa: E402
                                build_scheduler, configure_cuda_math)
+from sats.io import write_json_atomic, write_text_atomic  # noqa: E402
 from sats.methods import Batch, Method, StepContext, build_method, get_method_class, list_methods  # noqa: E402
 from sats.methods.ft import FineTuning  # noqa: E402
 from sats.models import ModelConfig, Segmenter, build_segmenter, frozen_copy  # noqa: E402
@@ -142,7 +147,7 @@ def method_section(name: str, cnn: bool) -> dict[str, Any]:
     candidates = ([METHOD_CONFIGS / f"{name}_deeplab.yaml"] if cnn else []) + [METHOD_CONFIGS / f"{name}.yaml"]
     for path in candidates:
         if path.is_file():
-            section = load_config(path).method
+            section = load_experiment(path).method
             if section["name"] != name:
                 raise ValueError(f"{path}: method.name is {section['name']!r}, expected {name!r}")
             return section
@@ -187,48 +192,16 @@ def synthetic_batch(task: Task, step: int, batch: int, size: int, device: torch.
 
 
 # ----------------------------------------------------------------------------------------------
-# The runner's training iteration
+# The engine's training iteration
 def train_iteration(model: torch.nn.Module, old_model: Optional[Segmenter], method: Method, batch: Batch,
-                    needs: frozenset, old_needs: frozenset, ctx: StepContext, autocast: Callable[[], Any],
-                    optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any, grad_clip: float = 0.0) -> dict:
-    """One training iteration in the order of ``sats.engine.runner.Runner._train`` (its loop body).
-
-    Kept in step with the runner by hand (the runner's loop body is not a separate function yet):
-    forward of the model and, under ``no_grad``, of the old model → ``method.loss`` → sum →
-    ``zero_grad`` → backward → ``unscale_`` → finiteness of the loss and of the gradients (max |g|,
-    one host sync) → ``after_backward`` → clipping → optimiser step → scaler update → scheduler step
-    → ``after_optimizer_step``. Raises on a non-finite loss or gradient (the benchmark never skips).
-    """
-    with autocast():
-        out = model(batch.images, need=needs)
-        old_out = None
-        if old_model is not None and method.old_forward:
-            with torch.no_grad():
-                old_out = old_model(batch.images, need=old_needs)
-        terms = method.loss(batch, out, old_out, ctx)
-    del out, old_out  # as the runner: the old model's maps are freed before backward
-    loss = sum(terms.values())
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    bad_loss = ~torch.isfinite(loss.detach())
-    bad_grad = torch.zeros_like(bad_loss)
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if grads and not scaler.is_enabled():
-        bad_grad = ~torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=float("inf")))
-    loss_flag, grad_flag = torch.stack([bad_loss, bad_grad]).float().tolist()
-    if loss_flag or grad_flag:
-        raise RuntimeError(f"method {method.name!r}: non-finite {'loss' if loss_flag else 'gradient'} in the "
-                           f"benchmark: " + ", ".join(f"{k}={float(v.detach())}" for k, v in terms.items()))
-    method.after_backward(ctx)
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    scheduler.step()
-    method.after_optimizer_step(ctx)
-    ctx.iteration += 1
-    return terms
+                    ctx: StepContext, autocast: Callable[[], Any], opt: Optimisation) -> dict:
+    """One iteration of :func:`sats.engine.loop.train_iteration` (the very function the runner trains with);
+    a non-finite loss or gradient raises here (the benchmark never skips)."""
+    step = engine_iteration(model, old_model, method, batch, ctx, autocast, opt)
+    if step.skipped:
+        raise RuntimeError(f"method {method.name!r}: non-finite {'loss' if step.bad_loss else 'gradient'} in the "
+                           f"benchmark: " + ", ".join(f"{k}={float(v.detach())}" for k, v in step.terms.items()))
+    return step.terms
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,15 +321,17 @@ class _Bench:
 
         # fixed digests: caches keyed on them (PLOP/SATS thresholds) land in this process's temporary folder
         return StepContext(step=step, task=self.task, cfg=self.cfg, model=model, old_model=old_model,
-                           device=self.device, run_dir=Path(self.tmp.name), cache_dir=Path(self.tmp.name),
+                           device=self.device, run_dir=Path(self.tmp.name),
+                           cache=ArtifactCache(Path(self.tmp.name), self.device),
                            old_checkpoint_digest=f"benchmark-step{step - 1}" if step > 0 else None,
                            train_loader=loader, autocast=self.autocast,
                            grad_scaled=self.amp == torch.float16, log_scalar=lambda name, value: None,
                            data_digest=f"benchmark-{batch.images.shape[-1]}px")
 
-    def optimizer(self, params: list, total: int) -> tuple[torch.optim.Optimizer, Any, Any]:
+    def optimizer(self, params: list, total: int) -> Optimisation:
         optimizer = build_optimizer(params, self.train_cfg, self.train_cfg.lr_at(1))
-        return optimizer, build_scheduler(optimizer, self.train_cfg, total), build_grad_scaler(self.device, self.amp)
+        return Optimisation(optimizer, build_scheduler(optimizer, self.train_cfg, total),
+                            build_grad_scaler(self.device, self.amp))
 
     def _history(self) -> tuple[Segmenter, Optional[Segmenter]]:
         """The step-``t`` model and old model, after one real iteration of every earlier step."""
@@ -375,10 +350,9 @@ class _Bench:
             ctx = self.context(s, model, old_model, batch)
             ctx.total_iterations = 1
             model.train()
-            optimizer, scheduler, scaler = self.optimizer(method.trainable_parameters(model, s), 1)
+            opt = self.optimizer(method.trainable_parameters(model, s), 1)
             method.begin_step(ctx)
-            train_iteration(model, old_model, method, batch, method.needs_at(s), method.old_needs, ctx,
-                            self.autocast, optimizer, scheduler, scaler)
+            train_iteration(model, old_model, method, batch, ctx, self.autocast, opt)
             method.end_step(ctx)
             method.load_state_dict(method.state_dict())  # the checkpoint round trip between steps
         model.requires_grad_(True)  # undo a method's freezing (SSUL) before the FT bound
@@ -392,13 +366,12 @@ class _Bench:
         self.model.train()
         ctx = self.context(t, self.model, self.old_model, self.batch)
         ctx.total_iterations = 10**6
-        optimizer, scheduler, scaler = self.optimizer(method.trainable_parameters(self.model, t), ctx.total_iterations)
+        opt = self.optimizer(method.trainable_parameters(self.model, t), ctx.total_iterations)
         method.begin_step(ctx)
         info: dict = {"terms": []}
 
         def step() -> None:
-            terms = train_iteration(self.model, self.old_model, method, self.batch, method.needs_at(t),
-                                    method.old_needs, ctx, self.autocast, optimizer, scheduler, scaler)
+            terms = train_iteration(self.model, self.old_model, method, self.batch, ctx, self.autocast, opt)
             info["terms"] = sorted(terms)
 
         return step, info
@@ -408,11 +381,10 @@ class _Bench:
         ft, model = FineTuning(), copy.deepcopy(self.model).requires_grad_(True).train()
         ctx = self.context(self.step, model, None, self.batch)
         ctx.total_iterations = 10**6
-        optimizer, scheduler, scaler = self.optimizer(list(model.parameters()), ctx.total_iterations)
+        opt = self.optimizer(list(model.parameters()), ctx.total_iterations)
 
         def step() -> None:
-            train_iteration(model, None, ft, self.batch, frozenset(), frozenset(), ctx, self.autocast,
-                            optimizer, scheduler, scaler)
+            train_iteration(model, None, ft, self.batch, ctx, self.autocast, opt)
 
         return step
 

@@ -87,7 +87,8 @@ def _steps_arg(text: Optional[str], num_steps: int) -> Optional[List[int]]:
 
 def _load_command_config(args: argparse.Namespace, extra: Sequence[str]):
     """The resolved config of `sats train/config CONFIG [overrides and reference flags]`, and the parsed line."""
-    from sats.config import load_run_config, parse_command_line, reference_notes
+    from sats.experiment import load_run_experiment
+    from sats.reference_flags import parse_command_line, reference_notes
 
     if not str(args.config).endswith((".yaml", ".yml")) and any(str(e).endswith((".yaml", ".yml")) for e in extra):
         from sats.config import ConfigError
@@ -97,7 +98,7 @@ def _load_command_config(args: argparse.Namespace, extra: Sequence[str]):
     line = parse_command_line(list(extra))
     if line.verbose:  # the reference's --debug
         _setup_logging(True)
-    cfg = load_run_config(args.config, line.overrides, exclude_from_name=line.name_exclude, per_step=line.per_step)
+    cfg = load_run_experiment(args.config, line.overrides, exclude_from_name=line.name_exclude, per_step=line.per_step)
     for note in reference_notes(line, cfg):
         log.info("%s", note)
     return cfg, line
@@ -211,7 +212,7 @@ def cmd_list(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
         for cls in iter_methods():
             doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-            print(f"{cls.name:10s} {doc}")
+            print(f"{cls.name:10s} {cls.label:15s} {doc}")
     elif args.what == "tasks":
         from sats.config import ConfigError
         from sats.data.tasks import get_task, list_tasks
@@ -253,10 +254,11 @@ def cmd_data(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from sats.data.datasets import build_files, check_dataset, format_problems
 
     if args.config:
-        from sats.config import load_config, parse_overrides
+        from sats.experiment import load_experiment
+        from sats.reference_flags import parse_overrides
         from sats.engine.data import resolve_files
 
-        cfg = load_config(args.config, parse_overrides(list(extra)))
+        cfg = load_experiment(args.config, parse_overrides(list(extra)))
         files = [resolve_files(cfg.data, s) for s in ("train", "val")]
     else:
         if not (args.dataset and args.root):
@@ -302,17 +304,18 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    """Forward to ``python -m benchmarks`` of the source checkout this package lives in."""
+    """Run ``python -m benchmarks`` of the source checkout this package lives in (a separate process:
+    the package never imports the benchmarks)."""
+    import os
+    import subprocess
+
     root = Path(__file__).resolve().parent.parent
     if not (root / "benchmarks" / "__main__.py").is_file():
         print(f"sats: error: `sats bench` runs the benchmarks/ folder of a source checkout, and there is none at "
               f"{root / 'benchmarks'}; clone the sats repository and run it from there", file=sys.stderr)
         return 2
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from benchmarks.__main__ import main as bench_main
-
-    return bench_main([*args.bench_args, *extra])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-m", "benchmarks", *args.bench_args, *extra], env=env).returncode
 
 
 def cmd_visualize(args: argparse.Namespace, extra: Sequence[str]) -> int:
@@ -367,7 +370,7 @@ def _add_verbose(sub: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sats.config import reference_flag_help
+    from sats.reference_flags import reference_flag_help
 
     p = argparse.ArgumentParser(prog="sats", description="Continual semantic segmentation: SATS and its baselines.",
                                 allow_abbrev=False)
@@ -469,6 +472,7 @@ EXIT_CODES = (
     ("sats.engine.rundir", "RunError", 4, None),
     ("sats.engine.checkpoint", "CheckpointError", 4,
      "a damaged step or epoch checkpoint can be deleted: the run then redoes that part"),
+    ("sats.io", "FileError", 4, None),  # results, caches: the message names the file and the cause
     ("sats.models.weights", "WeightsError", 4, "check model.pretrained and model.pretrained_format"),
     ("sats.methods._importance", "MissingImportanceError", 4, None),
     ("builtins", "OSError", 6, None),

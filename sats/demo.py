@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from sats.config import ConfigError, load_config
-from sats.engine.checkpoint import write_json_atomic, write_text_atomic
+from sats.config import ConfigError
+
+from sats.experiment import load_experiment
+from sats.io import write_json_atomic, write_text_atomic
 from sats.report.plots import plot_step_curves
 from sats.report.runs import load_runs
 from sats.report.tables import summary_markdown
@@ -46,7 +48,7 @@ def run_demo(output: Path = Path("runs/demo"), methods: Optional[Sequence[str]] 
         path = configs_dir() / "demo" / f"{name}.yaml"
         if not path.exists():
             raise ConfigError(f"no demo config for method {name!r} ({path})")
-        cfg = load_config(path, [f"run_dir={output / name}", *extra])
+        cfg = load_experiment(path, [f"run_dir={output / name}", *extra])
         tic = time.perf_counter()
         rows = Runner(cfg).run()
         timings[name] = time.perf_counter() - tic

@@ -42,10 +42,10 @@ def tiny_overrides(data_root: Path, run_dir: Path, cache_dir: Path, **extra) -> 
 @pytest.fixture
 def tiny_run(tiny_synthetic, tmp_path):
     """Factory: ``tiny_run(method="ft", **overrides) -> ExperimentConfig`` for a tiny 15-5 run."""
-    from sats.config import load_config
+    from sats.experiment import load_experiment
 
     def make(method: str = "ft", config: str = "demo/ft.yaml", run_name: str = "run", **extra):
         overrides = tiny_overrides(tiny_synthetic, tmp_path / run_name, tmp_path / "cache", **extra)
-        return load_config(CONFIGS / config, [*overrides, f"method.name={method}"])
+        return load_experiment(CONFIGS / config, [*overrides, f"method.name={method}"])
 
     return make

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from sats.losses.attention import (
-    class_pooled_features,
     class_region_weights,
     downsample_labels,
     plop_attention_loss,
@@ -386,13 +385,6 @@ def _feature_case():
     old = torch.zeros_like(new)
     labels = torch.tensor([[[1, 1], [2, 255]]])
     return new, old, labels
-
-
-def test_class_pooled_features_hand_computed() -> None:
-    new, _, labels = _feature_case()
-    ((pooled, present),) = class_pooled_features([new], labels)
-    assert present.tolist() == [[False, True, True]]
-    assert pooled[0].tolist() == [[0.0, 0.0], [2.0, 1.0], [5.0, 4.0]]
 
 
 def test_sats_feature_loss_hand_computed_and_reference_divisor() -> None:

@@ -13,16 +13,9 @@ from typing import Any
 import pytest
 import torch
 
-import sats.engine.checkpoint as ckpt
-from sats.engine.checkpoint import (
-    MAGIC,
-    CheckpointError,
-    file_digest,
-    load_checkpoint,
-    save_checkpoint,
-    write_json_atomic,
-    write_text_atomic,
-)
+import sats.io as io_module
+from sats.engine.checkpoint import MAGIC, CheckpointError, file_digest, load_checkpoint, save_checkpoint
+from sats.io import FileError, write_json_atomic, write_text_atomic
 
 
 def _state(seed: int = 0) -> dict[str, Any]:
@@ -143,7 +136,7 @@ def test_failed_replace_keeps_previous_file(tmp_path: Path, monkeypatch: pytest.
     def failing_replace(src: Any, dst: Any) -> None:
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr(ckpt.os, "replace", failing_replace)
+    monkeypatch.setattr(io_module.os, "replace", failing_replace)
     with pytest.raises(CheckpointError, match=rf"cannot write checkpoint {path}.*errno {errno.EIO}"):
         save_checkpoint(_state(seed=5), path)
     monkeypatch.undo()
@@ -175,11 +168,12 @@ def test_enospc_names_path_and_removes_temp(tmp_path: Path, monkeypatch: pytest.
     save_checkpoint(_state(), path)
     before = path.read_bytes()
     real_open = open
-    monkeypatch.setattr(ckpt, "open", lambda p, mode: _FullDisk(real_open(p, mode)), raising=False)
+    monkeypatch.setattr(io_module, "open", lambda p, mode: _FullDisk(real_open(p, mode)), raising=False)
     with pytest.raises(CheckpointError, match=rf"{path}: No space left on device"):
         save_checkpoint(_state(seed=2), path)
-    with pytest.raises(CheckpointError, match=r"results\.json: No space left"):
+    with pytest.raises(FileError, match=r"results\.json: No space left") as info:
         write_json_atomic(tmp_path / "results.json", {"a": 1})
+    assert not isinstance(info.value, CheckpointError)  # a results file is not a checkpoint
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert not (tmp_path / "results.json").exists()

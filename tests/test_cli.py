@@ -74,7 +74,7 @@ def test_quick_demo_runs_every_default_method(tmp_path, monkeypatch, capsys):
 
 
 def test_every_registered_method_has_a_demo_config():
-    from sats.config import load_config
+    from sats.experiment import load_experiment
     from sats.methods import iter_methods
 
     for cls in iter_methods():
@@ -82,7 +82,7 @@ def test_every_registered_method_has_a_demo_config():
             continue
         path = CONFIGS / "demo" / f"{cls.name}.yaml"
         assert path.is_file(), f"no demo config for method {cls.name!r}: {path}"
-        assert load_config(path).method_name == cls.name
+        assert load_experiment(path).method_name == cls.name
 
 
 def test_list_tasks_and_data_check_of_the_synthetic_dataset(tiny_synthetic, capsys):

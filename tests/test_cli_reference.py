@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from sats.cli import main
-from sats.config import ConfigError, load_config
+from sats.config import ConfigError
+from sats.experiment import load_experiment
 from conftest import CONFIGS, tiny_overrides
 
 FT = str(CONFIGS / "demo/ft.yaml")
@@ -37,18 +38,18 @@ REFERENCE_METHODS = {"FT": "ft", "LWF": "lwf", "LWF-MC": "lwf_mc", "ILT": "ilt",
 
 @pytest.mark.parametrize("given, expected", sorted(REFERENCE_METHODS.items()))
 def test_every_reference_method_name_maps_to_a_registered_method(given, expected):
-    from sats.config import parse_overrides
+    from sats.reference_flags import parse_overrides
     from sats.methods import list_methods
 
     assert expected in list_methods()
     for spelling in {given, given.lower(), given.upper(), given.replace("-", "_"), given.lower().replace("-", "_")}:
         assert parse_overrides(["--method", spelling]) == [f"method.name={expected}"]
         assert parse_overrides([f"method.name={spelling}"]) == [f"method.name={expected}"]
-        assert load_config(FT, [f"method.name={spelling}"]).method_name == expected
+        assert load_experiment(FT, [f"method.name={spelling}"]).method_name == expected
 
 
 def test_every_reference_flag_is_mapped_or_refused_with_a_reason():
-    from sats import config
+    from sats import reference_flags as config
 
     tables = (config.REFERENCE_FLAGS, config.REFERENCE_STEP_FLAGS, config.REFERENCE_CHOICES,
               config.REFERENCE_SWITCHES, config.REFERENCE_COMMAND_FLAGS, config.REFERENCE_REFUSED)
@@ -64,7 +65,7 @@ def test_every_reference_flag_is_mapped_or_refused_with_a_reason():
 
 
 def test_refusals_name_the_key_to_use_and_every_problem_is_reported():
-    from sats.config import parse_command_line
+    from sats.reference_flags import parse_command_line
 
     with pytest.raises(ConfigError) as info:
         parse_command_line(["--fix_bn", "--step_ckpt", "old.pth", "--opt_level", "O2", "--bogus", "3", "--task", "15-1"])
@@ -75,7 +76,7 @@ def test_refusals_name_the_key_to_use_and_every_problem_is_reported():
 
 
 def test_mapped_flags_and_protocol_switches():
-    from sats.config import parse_command_line
+    from sats.reference_flags import parse_command_line
 
     line = parse_command_line("--dataset voc --task 15-5s --method LWF-MC --overlapped --batch_size 12 "
                               "--crop_size 32 --opt_level O1 --loss_kd 5 --random_seed 3 --fusion-mode".split()[:-1])
@@ -92,7 +93,7 @@ def test_mapped_flags_and_protocol_switches():
 
 
 def test_lr_and_epochs_apply_to_the_step_being_run():
-    from sats.config import parse_command_line, reference_notes
+    from sats.reference_flags import parse_command_line, reference_notes
 
     assert parse_command_line("--step 0 --lr 0.01 --epochs 30".split()).overrides == ["train.lr=0.01", "train.epochs=30"]
     line = parse_command_line("--step 1 --lr 0.001 --epochs 30".split())
@@ -103,16 +104,17 @@ def test_lr_and_epochs_apply_to_the_step_being_run():
         parse_command_line("--step 1 2 --lr 0.01 0.001".split())
     line = parse_command_line(["--lr", "0.01"])  # no --step: sats runs every step; the value is step 0's
     assert line.overrides == ["train.lr=0.01"] and line.steps is None
-    (note,) = reference_notes(line, load_config(FT, line.overrides))
+    (note,) = reference_notes(line, load_experiment(FT, line.overrides))
     assert "train.lr " in note and "train.lr_incremental=0.001" in note
 
 
 def test_the_issue_command_line_resolves():
-    from sats.config import load_run_config, parse_command_line
+    from sats.experiment import load_run_experiment
+    from sats.reference_flags import parse_command_line
 
     line = parse_command_line("--dataset voc --task 15-5s --step 1 --method LWF-MC --overlapped --lr 0.001 "
                               "--batch_size 12 --epochs 30".split())
-    cfg = load_run_config(FT, line.overrides, exclude_from_name=line.name_exclude, per_step=line.per_step)
+    cfg = load_run_experiment(FT, line.overrides, exclude_from_name=line.name_exclude, per_step=line.per_step)
     assert line.steps == "1"
     assert (cfg.data.dataset, cfg.data.task, cfg.data.overlap, cfg.method_name) == ("voc", "15-5s", True, "lwf_mc")
     assert (cfg.data.batch_size, cfg.train.lr_incremental, cfg.train.epochs_incremental) == (12, 0.001, 30)
@@ -120,17 +122,17 @@ def test_the_issue_command_line_resolves():
 
 
 def test_default_run_name_records_what_the_overrides_changed():
-    from sats.config import load_run_config
+    from sats.experiment import load_run_experiment
 
-    assert load_run_config(FT).name == "demo-ft"
-    readme_2 = load_run_config(FT, ["data.task=15-1", "train.lr=0.002"])
+    assert load_run_experiment(FT).name == "demo-ft"
+    readme_2 = load_run_experiment(FT, ["data.task=15-1", "train.lr=0.002"])
     assert readme_2.name == "demo-ft_task=15-1_lr=0.002"
-    assert readme_2.resolved_run_dir() != load_run_config(FT).resolved_run_dir()
-    assert load_run_config(FT, ["data.task=15-5", "log.progress=false", "data.workers=2"]).name == "demo-ft"
-    assert load_run_config(FT, ["method.name=MiB"]).name == "demo-ft_method=mib"
-    assert load_run_config(FT, ["train.lr=0.002", "name=mine"]).name == "mine"
-    assert load_run_config(FT, ["train.lr=0.002", "run_dir=/tmp/x"]).name == "demo-ft"
-    odd = load_run_config(FT, ["data.root=/data/some where/voc", "model.embed_dims=[8,16,16,32]"]).name
+    assert readme_2.resolved_run_dir() != load_run_experiment(FT).resolved_run_dir()
+    assert load_run_experiment(FT, ["data.task=15-5", "log.progress=false", "data.workers=2"]).name == "demo-ft"
+    assert load_run_experiment(FT, ["method.name=MiB"]).name == "demo-ft_method=mib"
+    assert load_run_experiment(FT, ["train.lr=0.002", "name=mine"]).name == "mine"
+    assert load_run_experiment(FT, ["train.lr=0.002", "run_dir=/tmp/x"]).name == "demo-ft"
+    odd = load_run_experiment(FT, ["data.root=/data/some where/voc", "model.embed_dims=[8,16,16,32]"]).name
     assert odd.startswith("demo-ft_root=voc-") and odd.endswith("_embed_dims=8-16-16-32")
     assert "/" not in odd and " " not in odd
 

@@ -5,13 +5,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from sats.config import ConfigError, ExperimentConfig, load_config, parse_overrides
+from sats.config import ConfigError, ExperimentConfig
+
+from sats.experiment import load_experiment
+
+from sats.reference_flags import parse_overrides
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def test_base_chain_and_overrides():
-    cfg = load_config(CONFIGS / "demo/ft.yaml", ["data.task=15-1", "train.lr=0.5"])
+    cfg = load_experiment(CONFIGS / "demo/ft.yaml", ["data.task=15-1", "train.lr=0.5"])
     assert isinstance(cfg, ExperimentConfig)
     assert cfg.data.dataset == "synthetic" and cfg.data.task == "15-1"  # from _base_/datasets + override
     assert cfg.model.backbone == "mit_custom" and cfg.model.embed_dims == [16, 32, 64, 128]
@@ -21,26 +25,26 @@ def test_base_chain_and_overrides():
 
 def test_unknown_key_is_rejected_with_its_name():
     with pytest.raises(ConfigError, match="lrr"):
-        load_config(CONFIGS / "demo/ft.yaml", ["train.lrr=0.1"])
+        load_experiment(CONFIGS / "demo/ft.yaml", ["train.lrr=0.1"])
 
 
 def test_bad_value_type_is_rejected():
     with pytest.raises(ConfigError, match="epochs"):
-        load_config(CONFIGS / "demo/ft.yaml", ["train.epochs=many"])
+        load_experiment(CONFIGS / "demo/ft.yaml", ["train.epochs=many"])
 
 
 @pytest.mark.parametrize("override, key", [("train.amp=fp8", "train.amp"), ("data.eval_mode=tiles", "data.eval_mode"),
                                            ("data.dataset=coco", "data.dataset"), ("model.backbone=vit", "backbone")])
 def test_bad_choice_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
-        load_config(CONFIGS / "demo/ft.yaml", [override])
+        load_experiment(CONFIGS / "demo/ft.yaml", [override])
 
 
 def test_unknown_method_and_method_key():
     with pytest.raises(ConfigError, match="unknown method"):
-        load_config(CONFIGS / "demo/ft.yaml", ["method.name=nope"])
+        load_experiment(CONFIGS / "demo/ft.yaml", ["method.name=nope"])
     with pytest.raises(ConfigError, match="lambda_kdd"):
-        load_config(CONFIGS / "demo/ft.yaml", ["method.lambda_kdd=3"])
+        load_experiment(CONFIGS / "demo/ft.yaml", ["method.lambda_kdd=3"])
 
 
 def test_reference_flags_map_to_keys():
@@ -54,22 +58,22 @@ def test_circular_base_is_an_error(tmp_path):
     (tmp_path / "a.yaml").write_text("_base_: b.yaml\n")
     (tmp_path / "b.yaml").write_text("_base_: a.yaml\n")
     with pytest.raises(ConfigError, match="circular"):
-        load_config(tmp_path / "a.yaml")
+        load_experiment(tmp_path / "a.yaml")
 
 
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
-        load_config(tmp_path / "nope.yaml")
+        load_experiment(tmp_path / "nope.yaml")
     (tmp_path / "bad.yaml").write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="bad.yaml"):
-        load_config(tmp_path / "bad.yaml")
+        load_experiment(tmp_path / "bad.yaml")
 
 
 def test_every_config_file_validates():
     files = [p for p in CONFIGS.rglob("*.yaml") if "_base_" not in p.parts and not p.name.startswith("_")]
     assert files
     for path in files:
-        load_config(path)
+        load_experiment(path)
 
 
 def test_amp_modes_resolve_per_device():

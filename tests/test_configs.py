@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CONFIGS
-from sats.config import load_config
+from sats.experiment import load_experiment
 from sats.data.tasks import get_task
 from sats.report.paper_results import VOC_OVERLAPPED
 
@@ -24,7 +24,7 @@ PAPER_ONLY = {"sdr", "recall", "st_cil"}  # methods of the paper's table that sa
 
 @functools.lru_cache(maxsize=None)
 def _load(path: Path):
-    return load_config(path)
+    return load_experiment(path)
 
 
 def _generator():

@@ -22,11 +22,11 @@ from sats.engine.distributed import (
     cleanup,
     init_distributed,
     is_main,
-    seed_everything,
     set_deterministic,
     unwrap,
 )
 from sats.engine.evaluator import ConfusionMatrix, ShardedEvalSampler
+from sats.rng import seed_everything
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 

@@ -33,9 +33,9 @@ def test_torchrun_two_cpu_processes(tiny_synthetic, tmp_path):
     assert all(0 <= r["miou"] <= 1 for r in results["steps"])
     assert (run_dir / "checkpoints/step1.ckpt").exists()
     # evaluation is sharded without padding: every test pixel is counted exactly once, as in one process
-    from sats.config import load_config
+    from sats.experiment import load_experiment
     from sats.engine.runner import Runner
 
-    single = Runner(load_config(CONFIGS / "demo/ft.yaml", tiny_overrides(
+    single = Runner(load_experiment(CONFIGS / "demo/ft.yaml", tiny_overrides(
         tiny_synthetic, tmp_path / "single", tmp_path / "cache1", **{"data.batch_size": 4}))).run()
     assert [r["num_pixels"] for r in results["steps"]] == [r["num_pixels"] for r in single]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 from types import SimpleNamespace
@@ -11,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from sats.engine.evaluator import ConfusionMatrix, Metrics, ShardedEvalSampler, evaluate
+from sats.engine.evaluator import ConfusionMatrix, Metrics, ShardedEvalSampler, evaluate_loader
 
 # 3x4 example, K = 4, two ignored pixels. (target, pred) pairs on valid pixels:
 # row 0 (GT 0): pred 0,1,0,0        -> [3, 1, 0, 0]
@@ -148,17 +150,15 @@ def test_sharded_sampler_covers_each_index_once(n: int, world: int) -> None:
 
 
 class _ChannelZeroIsPrediction(nn.Module):
-    """Predicts the class written in image channel 0; optional output downscaling."""
+    """Predicts the class written in image channel 0."""
 
-    def __init__(self, k: int, downscale: int = 1) -> None:
+    def __init__(self, k: int) -> None:
         super().__init__()
-        self.k, self.downscale = k, downscale
-        self.scale = nn.Parameter(torch.ones(()))  # makes .training meaningful
+        self.k = k
+        self.scale = nn.Parameter(torch.ones(()))
 
     def forward(self, x: torch.Tensor) -> SimpleNamespace:
         logits = nn.functional.one_hot(x[:, 0].long(), self.k).permute(0, 3, 1, 2).to(x.dtype) * self.scale
-        if self.downscale > 1:
-            logits = logits[:, :, :: self.downscale, :: self.downscale]
         return SimpleNamespace(logits=logits)
 
 
@@ -166,7 +166,8 @@ def _image_for(pred: torch.Tensor) -> torch.Tensor:
     return pred.float().unsqueeze(1).repeat(1, 3, 1, 1)  # (B, 3, H, W)
 
 
-def test_evaluate_variable_sizes_and_restores_mode() -> None:
+def test_evaluation_loop_over_full_images_of_different_sizes() -> None:
+    """The engine's one evaluation loop (``evaluate_loader``, also ``sats test``) equals a naive count."""
     rng = torch.Generator().manual_seed(0)
     k = 5
     batches, preds, targets = [], [], []
@@ -174,30 +175,14 @@ def test_evaluate_variable_sizes_and_restores_mode() -> None:
         p = torch.randint(0, k, (1, h, w), generator=rng)
         t = torch.randint(0, k + 1, (1, h, w), generator=rng)
         t[t == k] = 255
-        batches.append((_image_for(p), t, {"id": "x"}))
+        batches.append((_image_for(p), t))
         preds.append(p.numpy())
         targets.append(t.numpy())
     model = _ChannelZeroIsPrediction(k).train()
-    m = evaluate(model, batches, k, "cpu", progress=False)
+    argmax = lambda logits: logits.max(dim=1).indices  # noqa: E731
+    m = evaluate_loader(model, batches, k, argmax, torch.device("cpu"), contextlib.nullcontext)
     np.testing.assert_array_equal(m.confusion, _naive_confusion(preds, targets, k))
-    assert model.training
-    m_bf16 = evaluate(model.eval(), batches, k, "cpu", amp_dtype=torch.bfloat16, progress=True)
-    np.testing.assert_array_equal(m_bf16.confusion, m.confusion)
     assert not model.training
-
-
-def test_evaluate_size_mismatch_needs_full_image_flag() -> None:
-    k = 3
-    pred = torch.full((1, 8, 8), 2)
-    target = torch.full((1, 8, 8), 2)
-    target[0, 0, 0] = 1
-    loader = [(_image_for(pred), target)]
-    model = _ChannelZeroIsPrediction(k, downscale=2)  # logits (1, 3, 4, 4) for 8x8 masks
-    with pytest.raises(ValueError, match="need_full_image"):
-        evaluate(model, loader, k, "cpu", progress=False)
-    m = evaluate(model, loader, k, "cpu", need_full_image=True, progress=False)
-    expected = np.zeros((3, 3), dtype=np.int64)
-    expected[2, 2], expected[1, 2] = 63, 1
-    np.testing.assert_array_equal(m.confusion, expected)
-    with pytest.raises(ValueError, match=r"not \(B, 4, H, W\)"):
-        evaluate(model, loader, 4, "cpu", need_full_image=True, progress=False)
+    bf16 = functools.partial(torch.autocast, device_type="cpu", dtype=torch.bfloat16)
+    m_bf16 = evaluate_loader(model, batches, k, argmax, torch.device("cpu"), bf16, progress=True)
+    np.testing.assert_array_equal(m_bf16.confusion, m.confusion)

@@ -8,14 +8,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from sats.losses.importance import (
+from sats.engine.distributed import all_reduce_sum_
+from sats.losses.importance import minmax_normalize, quadratic_penalty
+from sats.methods._importance_trackers import (
     EWCImportance,
     ImportanceTracker,
-    PathIntegral,
+    PathIntegralImportance,
     RWImportance,
     build_importance_tracker,
-    minmax_normalize,
-    quadratic_penalty,
 )
 
 
@@ -140,7 +140,7 @@ def test_phase_errors() -> None:
     with pytest.raises(RuntimeError, match="resume_step"):
         tracker.begin_step(params.items())
     with pytest.raises(ValueError, match="'pi'"):
-        tracker.load_state_dict(PathIntegral().state_dict())
+        tracker.load_state_dict(PathIntegralImportance().state_dict())
 
 
 # --------------------------------------------------------------------------- RW
@@ -211,7 +211,7 @@ def test_path_integral_on_quadratic_toy_problem() -> None:
     # L = w₁² + 3 w₂², SGD lr 0.1 from (1, 1); update() after each backward, before the step:
     # δ += −g_k · (θ_k − θ_{k−1})
     params = _params(w=[1.0, 1.0])
-    pi = PathIntegral()
+    pi = PathIntegralImportance()
     pi.begin_step(params.items())
     lr = 0.1
     for _ in range(3):
@@ -232,7 +232,7 @@ def test_path_integral_on_quadratic_toy_problem() -> None:
     # step 1: old model = (0.512, 0.064); a new head starts at 1 with loss head²
     old = {"w": params["w"].detach().clone()}
     params1 = _params(w=[0.512, 0.064], head=[1.0])
-    pi1 = PathIntegral()
+    pi1 = PathIntegralImportance()
     pi1.load_state_dict(state)
     pi1.begin_step(params1.items(), old)
     _close(pi1.penalty_importance["w"], [1.0, 0.0], rel=1e-7)  # minmax(ω₀)
@@ -258,7 +258,7 @@ def test_path_integral_on_quadratic_toy_problem() -> None:
 
 def test_path_integral_clamps_negative_omega() -> None:
     params = _params(w=[0.0, 0.0])
-    pi = PathIntegral()
+    pi = PathIntegralImportance()
     pi.begin_step(params.items())
     _set(params, w=([0.0, 0.0], [1.0, 1.0]))
     pi.update(params.items())
@@ -351,7 +351,7 @@ def _all_reduce_worker(rank: int, world_size: int, init_file: str) -> None:
         ewc = EWCImportance()
         ewc.begin_step(params.items())
         ewc.fisher["a"].fill_(float(rank + 1))  # rank 0: 1, rank 1: 2
-        ewc.all_reduce_()
+        ewc.all_reduce_(all_reduce_sum_, world_size)
         assert ewc.fisher["a"].tolist() == [1.5, 1.5], ewc.fisher["a"]
     finally:
         dist.destroy_process_group()
@@ -359,11 +359,28 @@ def _all_reduce_worker(rank: int, world_size: int, init_file: str) -> None:
 
 def test_all_reduce_is_a_noop_without_distributed() -> None:
     params = _params(a=[1.0])
-    pi = PathIntegral()
+    pi = PathIntegralImportance()
     pi.begin_step(params.items())
     pi.delta["a"].fill_(3.0)
-    pi.all_reduce_()
+    pi.all_reduce_(all_reduce_sum_, world_size=1)
     assert pi.delta["a"].tolist() == [3.0]
+
+
+def test_all_reduce_goes_through_the_given_sum_and_world_size() -> None:
+    """Trackers reach DDP only through what the step context passes (ctx.all_reduce_sum_, ctx.world_size)."""
+    params = _params(a=[1.0, 3.0])
+    rw = RWImportance()
+    rw.begin_step(params.items())
+    rw.fisher["a"].fill_(2.0)
+    reduced = []
+
+    def two_equal_ranks(t: torch.Tensor) -> torch.Tensor:
+        reduced.append(t)
+        return t.mul_(2)
+
+    rw.all_reduce_(two_equal_ranks, world_size=2)
+    assert rw.fisher["a"].tolist() == [2.0, 2.0] and rw.score["a"].tolist() == [0.0, 0.0]
+    assert len(reduced) == 2 and reduced[0] is rw.fisher["a"]  # in place, every accumulator (F and s)
 
 
 @pytest.mark.slow

@@ -34,10 +34,11 @@ kind, _, arg = action.partition(":")
 
 if kind in ("kill-writing", "signal-writing"):  # arg: file name (signal-writing: SIGNAME/file name)
     import sats.engine.checkpoint as checkpoint
-    original = checkpoint._write_atomic
+    import sats.io as io_module
+    original = io_module.write_bytes_atomic
     sig_name, _, name = arg.partition("/") if kind == "signal-writing" else ("", "", arg)
 
-    def patched(path, chunks, what):
+    def patched(path, chunks, what="file"):
         if Path(path).name != name:
             return original(path, chunks, what)
         if kind == "signal-writing":  # the signal arrives while the checkpoint is being written
@@ -50,7 +51,7 @@ if kind in ("kill-writing", "signal-writing"):  # arg: file name (signal-writing
             f.flush()
         os.kill(os.getpid(), signal.SIGKILL)
 
-    checkpoint._write_atomic = patched
+    checkpoint.write_bytes_atomic = io_module.write_bytes_atomic = patched
 elif kind == "kill-eval":  # arg: number of channels of the evaluation to die in (16: step 0, 21: step 1)
     import sats.engine.evaluator as evaluator
     original_update = evaluator.ConfusionMatrix.update

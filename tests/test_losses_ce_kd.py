@@ -319,3 +319,26 @@ def test_analytic_unbiased_gradients_equal_autograd_of_the_formulas():
         expected.backward()
         assert torch.allclose(value.double(), expected, atol=1e-6)
         assert torch.allclose(z1.grad.double(), z2.grad, atol=1e-6)
+
+
+def test_the_package_exports_every_public_loss_block_and_reaches_no_process_group():
+    """``sats.losses`` re-exports each module's ``__all__``; loss blocks are pure (never import torch.distributed)."""
+    import ast
+    import importlib
+    import pkgutil
+    from pathlib import Path
+
+    import sats.losses
+
+    public = {}
+    for info in pkgutil.iter_modules(sats.losses.__path__):
+        module = importlib.import_module(f"sats.losses.{info.name}")
+        public.update({name: getattr(module, name) for name in module.__all__})
+        tree = ast.parse(Path(module.__file__).read_text())
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        imported |= {f"{node.module}.{alias.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                     for alias in node.names}
+        assert not {m for m in imported if m.startswith("torch.distributed")}, module.__name__
+    assert sorted(sats.losses.__all__) == sorted(public)
+    assert all(getattr(sats.losses, name) is value for name, value in public.items())

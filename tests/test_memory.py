@@ -11,14 +11,15 @@ import pytest
 import torch
 
 from conftest import CONFIGS
-from sats.config import ConfigError, load_config
+from sats.config import ConfigError
+from sats.experiment import load_experiment
 from sats.data.datasets import DataError
 from sats.data.memory import build_step_memory, load_memory, memory_classes, per_class_quota, save_memory, select_memory
 from sats.data.tasks import Task, get_task
 from sats.engine.data import ExperimentData, MemorySampler
 from sats.engine.distributed import DistInfo
-from sats.engine.runner import Runner, step_seed
-from sats.methods import list_methods
+from sats.engine.runner import Runner
+from sats.rng import step_seed
 
 
 class _Interrupt(Exception):
@@ -51,7 +52,7 @@ def test_per_class_quota():
     assert per_class_quota(10, 100, per_class=7) == 7  # the released code's VOC loading
     assert memory_classes(get_task("voc", "15-1"), 2) == tuple(range(1, 17))
     with pytest.raises(ConfigError, match="memory.size"):
-        load_config(None, ["memory.size=0"])
+        load_experiment(None, ["memory.size=0"])
 
 
 def test_step_memory_accumulates_over_steps_and_round_trips_by_id(tiny_synthetic, tmp_path):
@@ -160,8 +161,6 @@ def test_resume_with_memory_matches_uninterrupted(tiny_run, monkeypatch):
 
 
 def test_sats_m_two_step_run(tiny_run):
-    if "sats" not in list_methods():
-        pytest.skip("method 'sats' is not registered yet")
     cfg = tiny_run("sats", config="demo/sats-m.yaml", **{"train.epochs": 1})
     assert cfg.memory.enabled and cfg.memory.size == 100
     rows = Runner(cfg).run()
@@ -175,9 +174,7 @@ MINE = sorted({*Path(CONFIGS, "voc").glob("ssul*_*.yaml"), *Path(CONFIGS, "voc")
 
 @pytest.mark.parametrize("path", MINE, ids=[p.stem for p in MINE])
 def test_ssul_and_memory_configs_load(path):
-    if "sats" in path.stem and "sats" not in list_methods():
-        pytest.skip("method 'sats' is not registered yet")
-    cfg = load_config(path)
+    cfg = load_experiment(path)
     token = path.stem.split("_")[0]
     assert cfg.memory.enabled == token.endswith("-m")
     if path.parent.name == "voc":
@@ -189,7 +186,7 @@ def test_ssul_and_memory_configs_load(path):
 
 
 def test_memory_config_files():
-    voc, ade = (load_config(CONFIGS / f"_base_/memory/{d}.yaml").memory for d in ("voc", "ade"))
+    voc, ade = (load_experiment(CONFIGS / f"_base_/memory/{d}.yaml").memory for d in ("voc", "ade"))
     assert (voc.enabled, voc.size, ade.enabled, ade.size) == (True, 100, True, 300)
     assert len(MINE) == 34  # 8 VOC rows × 4 tasks + 2 demo files
 
@@ -211,7 +208,7 @@ def test_memory_under_torchrun_two_cpu_processes(tiny_synthetic, tmp_path):
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = json.loads((run_dir / "results.json").read_text())["steps"]
-    data = ExperimentData.build(load_config(CONFIGS / "demo/mib.yaml", overrides), _dist())
+    data = ExperimentData.build(load_experiment(CONFIGS / "demo/mib.yaml", overrides), _dist())
     # each rank: its half of the step-1 images, 2 current + 2 memory images per batch
     assert steps[1]["iterations"] == data.splits[1].train.size // 2 // 2
     assert steps[1]["train_images_per_s"] > 0 and (run_dir / "memory/step1.json").is_file()

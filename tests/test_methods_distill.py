@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from conftest import CONFIGS, tiny_overrides
-from sats.config import load_config
+from sats.experiment import load_experiment
 from sats.data.tasks import Task
+from sats.engine.cache import ArtifactCache
 from sats.engine.checkpoint import load_checkpoint
 from sats.engine.runner import Runner
 from sats.losses import local_pod_loss, normalized_entropy
@@ -36,8 +37,8 @@ def make(name: str, **params):
 
 
 def ctx_for(step: int = 1, task: Task = TASK, **fields) -> StepContext:
-    values = dict(step=step, task=task, cfg=load_config(CONFIGS / "demo/plop.yaml"), model=None, old_model=None,
-                  device=torch.device("cpu"), run_dir=None, cache_dir=None, old_checkpoint_digest=None,
+    values = dict(step=step, task=task, cfg=load_experiment(CONFIGS / "demo/plop.yaml"), model=None, old_model=None,
+                  device=torch.device("cpu"), run_dir=None, old_checkpoint_digest=None,
                   train_loader=lambda **_: iter(()), autocast=contextlib.nullcontext,
                   log_scalar=lambda name, value: None)
     values.update(fields)
@@ -235,7 +236,7 @@ class _CountingLoader:
 def threshold_ctx(tmp_path: Path, loader: _CountingLoader, digest: str = "ckpt-a") -> StepContext:
     # pixels: confident bg, confident class 1, another class-1 pixel labelled with a current class (not counted)
     old_logits = logits([9.0, 0.0], [0.0, 3.0], [0.0, 1.0])[0]
-    return ctx_for(old_model=_ConstantOldModel(old_logits), cache_dir=tmp_path / "cache",
+    return ctx_for(old_model=_ConstantOldModel(old_logits), cache=ArtifactCache(tmp_path / "cache", torch.device("cpu")),
                    old_checkpoint_digest=digest, train_loader=loader, data_digest="data-1")
 
 
@@ -333,7 +334,7 @@ def run_two_steps(tiny_synthetic, tmp_path, cache: Path, method: str, run_name: 
     config = f"demo/{method}.yaml" if (CONFIGS / f"demo/{method}.yaml").exists() else "demo/ft.yaml"
     overrides = tiny_overrides(tiny_synthetic, tmp_path / run_name, cache,
                                **{"log.overlay_images": 0, "log.tensorboard": False, "train.threads": 1, **extra})
-    cfg = load_config(CONFIGS / config, [*overrides, f"method.name={method}"])
+    cfg = load_experiment(CONFIGS / config, [*overrides, f"method.name={method}"])
     return cfg, Runner(cfg).run()
 
 
@@ -416,7 +417,7 @@ def test_mib_plop_and_sats_forget_less_than_ft(tmp_path):
         for method in ("ft", "mib", "plop", "sats"):
             overrides = [*SMALL_TRAINED, f"data.root={data}", f"train.seed={seed}",
                          f"run_dir={tmp_path / f'{method}-{seed}'}", f"data.cache_dir={tmp_path / 'cache'}"]
-            rows = Runner(load_config(CONFIGS / f"demo/{method}.yaml", overrides)).run()
+            rows = Runner(load_experiment(CONFIGS / f"demo/{method}.yaml", overrides)).run()
             assert rows[0]["miou"] > 0.3, (seed, method, rows[0]["miou"])  # step 0 learnt the old classes
             assert (rows[0]["shared_step0"] is None) == (method == "ft")
             old[method] = rows[1]["old"]

@@ -16,9 +16,9 @@ import sats.engine.runner as runner_module
 from sats.config import ConfigError
 from sats.engine.checkpoint import load_checkpoint
 from sats.engine.runner import Runner
-from sats.losses.importance import EWCImportance, PathIntegral
 from sats.methods import build_method, validate_method_config
 from sats.methods._importance import MissingImportanceError
+from sats.methods._importance_trackers import EWCImportance, PathIntegralImportance
 
 METHODS = ("ewc", "rw", "pi")
 FAST = {"log.tensorboard": False, "log.overlay_images": 0}
@@ -160,7 +160,7 @@ def _ended_state(tracker, fill):
     """A finished step-0 tracker state whose accumulator for `w` holds ``fill``."""
     w = nn.Parameter(torch.zeros(3))
     tracker.begin_step([("w", w)])
-    if isinstance(tracker, PathIntegral):
+    if isinstance(tracker, PathIntegralImportance):
         tracker.end_step([("w", w)])
         tracker.omega["w"] = torch.tensor(fill)
     else:
@@ -200,7 +200,7 @@ def test_ewc_updates_importance_from_the_main_loss_then_adds_the_penalty_gradien
 
 def test_pi_path_integral_uses_the_main_loss_gradient():
     method = build_method({"name": "pi", "lambda_reg": 10.0})
-    method.load_state_dict(_ended_state(PathIntegral(), [1.0, 3.0, 2.0]))
+    method.load_state_dict(_ended_state(PathIntegralImportance(), [1.0, 3.0, 2.0]))
     model, old = _Toy([1.0, 2.0, -1.0], head=[0.5]), _Toy([0.0, 0.0, 0.0])
     ctx = _ctx(model, old)
     method.begin_step(ctx)

@@ -1,4 +1,4 @@
-"""sats.models: config validation, output shapes, attention, heads, classifier init, grow_from."""
+"""sats.models: config validation, output shapes, attention, heads, classifier init, growing a model."""
 
 import math
 
@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from sats.engine.checkpoint import CheckpointError, load_state_strict
 from sats.models import (
     ASPP,
     NEEDS,
@@ -19,7 +20,6 @@ from sats.models import (
     build_mit,
     build_segmenter,
     frozen_copy,
-    grow_from,
 )
 from sats.models.resnet import ResNetEncoder
 
@@ -316,11 +316,12 @@ def test_frozen_copy_is_independent_eval_and_frozen():
     assert not torch.equal(old.classifier.heads[0].bias, model.classifier.heads[0].bias)
 
 
-def test_grow_from_round_trip_and_strictness():
+def test_a_grown_model_keeps_every_old_weight_and_inits_the_new_head_from_background():
     prev = tiny_model(head_sizes=(4,))
     state = prev.state_dict()
-    cfg = ModelConfig(**TINY)
-    grown = grow_from({f"module.{k}": v for k, v in state.items()}, cfg, [4, 2], init="background")
+    grown = build_segmenter(ModelConfig(**TINY), [4])
+    load_state_strict(grown, state, "prev.ckpt")  # the engine's path: strict load, then one new head
+    grown.add_step(2, init="background")
     assert grown.head_sizes == [4, 2]
     grown_state = grown.state_dict()
     for key, value in state.items():
@@ -328,12 +329,6 @@ def test_grow_from_round_trip_and_strictness():
             assert torch.equal(grown_state[key], value), key
     assert grown_state["classifier.heads.0.bias"][0].item() == pytest.approx(state["classifier.heads.0.bias"][0].item() - math.log(3))
     assert torch.equal(grown_state["classifier.heads.1.weight"][1], state["classifier.heads.0.weight"][0])
-    missing = {k: v for k, v in state.items() if k != "head.fuse.bias"}
-    with pytest.raises(RuntimeError, match="head.fuse.bias"):
-        grow_from(missing, cfg, [4, 2])
-    with pytest.raises(RuntimeError, match="extra.weight"):
-        grow_from({**state, "extra.weight": torch.zeros(1)}, cfg, [4, 2])
-    with pytest.raises(ValueError, match=r"must extend the previous heads \[4\]"):
-        grow_from(state, cfg, [5, 2])
-    with pytest.raises(ValueError, match="must extend"):
-        grow_from(state, cfg, [4])
+    with pytest.raises(CheckpointError, match="head.fuse.bias"):
+        load_state_strict(build_segmenter(ModelConfig(**TINY), [4]), {k: v for k, v in state.items()
+                                                                       if k != "head.fuse.bias"}, "prev.ckpt")

@@ -26,10 +26,12 @@ import torch
 
 from conftest import CONFIGS, tiny_overrides
 from data_helpers import class_mask, save_mask, truncate_file, write_voc
-from sats.config import ConfigError, load_config
+from sats.config import ConfigError
+from sats.experiment import load_experiment
 from sats.data.datasets import DataError
-from sats.engine import checkpoint as checkpoint_module
+from sats import io as io_module
 from sats.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from sats.io import FileError
 from sats.engine.checkpoint import load_state_strict as _load_strict
 from sats.engine.runner import NonFiniteGradientError, RunError, Runner
 from sats.engine.signals import RunInterrupted, StopRequest, StoppableFetch
@@ -75,7 +77,7 @@ def _voc(root: Path, with_bad: bool) -> Path:
 
 def _voc_run(tmp_path: Path, root: Path, name: str, **extra):
     values = {"data.dataset": "voc", "train.share_step0": False, "log.tensorboard": False, **extra}
-    return load_config(CONFIGS / "demo/ft.yaml", tiny_overrides(root, tmp_path / name, tmp_path / f"cache-{name}",
+    return load_experiment(CONFIGS / "demo/ft.yaml", tiny_overrides(root, tmp_path / name, tmp_path / f"cache-{name}",
                                                                   **values))
 
 
@@ -185,11 +187,11 @@ def test_truncated_or_foreign_epoch_checkpoint_is_an_error_not_a_restart(tiny_ru
 
 def test_config_values_are_checked_with_the_key_named():
     with pytest.raises(ConfigError, match="train.dist_timeout_s: must be > 0"):
-        load_config(CONFIGS / "demo/ft.yaml", ["train.dist_timeout_s=0"])
+        load_experiment(CONFIGS / "demo/ft.yaml", ["train.dist_timeout_s=0"])
     with pytest.raises(ConfigError, match="train.on_nonfinite"):
-        load_config(CONFIGS / "demo/ft.yaml", ["train.on_nonfinite=ignore"])
+        load_experiment(CONFIGS / "demo/ft.yaml", ["train.on_nonfinite=ignore"])
     with pytest.raises(ConfigError, match="data.on_error"):
-        load_config(CONFIGS / "demo/ft.yaml", ["data.on_error=warn"])
+        load_experiment(CONFIGS / "demo/ft.yaml", ["data.on_error=warn"])
 
 
 # ------------------------------------------------------------------------------------ non-finite grads
@@ -280,7 +282,7 @@ def _fill_disk_when_writing(monkeypatch, target: str, room: int = 1000) -> None:
         f = open(file, mode, *args, **kwargs)
         return _FullDisk(f, room) if "w" in mode and Path(file).name.startswith(f"{target}.tmp-") else f
 
-    monkeypatch.setattr(checkpoint_module, "open", full_open, raising=False)
+    monkeypatch.setattr(io_module, "open", full_open, raising=False)
 
 
 def test_disk_full_names_the_path_and_keeps_previous_files(tiny_run, monkeypatch):
@@ -298,7 +300,7 @@ def test_disk_full_names_the_path_and_keeps_previous_files(tiny_run, monkeypatch
 
     monkeypatch.undo()
     _fill_disk_when_writing(monkeypatch, "results.json")
-    with pytest.raises(CheckpointError, match=rf"cannot write file {run_dir}/results\.json: No space left on device"):
+    with pytest.raises(FileError, match=rf"cannot write file {run_dir}/results\.json: No space left on device"):
         Runner(cfg).run()
     assert (run_dir / "results.json").read_bytes() == before["results.json"]  # complete, with step 0 only
     assert not list(run_dir.rglob("*.tmp-*"))
@@ -394,7 +396,7 @@ def _free_port() -> int:
 def test_one_process_and_two_gloo_processes_agree(tiny_synthetic, tmp_path):
     """Global batch 4: one process with 4 images vs two with 2 each (same images, same augmentation)."""
     extra = {"train.epochs": 4, "train.epochs_incremental": 2, "train.share_step0": False, "log.tensorboard": False}
-    single = Runner(load_config(CONFIGS / "demo/ft.yaml", tiny_overrides(
+    single = Runner(load_experiment(CONFIGS / "demo/ft.yaml", tiny_overrides(
         tiny_synthetic, tmp_path / "one", tmp_path / "cache1", **{"data.batch_size": 4, **extra}))).run()
     overrides = tiny_overrides(tiny_synthetic, tmp_path / "two", tmp_path / "cache2", **{"data.batch_size": 2, **extra})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",

@@ -25,7 +25,7 @@ from sats.report.tsne import collect_decoder_features, embed_tsne, select_per_cl
 @pytest.fixture(scope="module")
 def runs(tiny_synthetic, tmp_path_factory):
     """A tiny FT run (15-5: 2 steps) and a joint run (1 step) sharing one cache."""
-    from sats.config import load_config
+    from sats.experiment import load_experiment
     from sats.engine.runner import Runner
 
     root = tmp_path_factory.mktemp("report_runs")
@@ -33,7 +33,7 @@ def runs(tiny_synthetic, tmp_path_factory):
     for method in ("ft", "joint"):
         extra = {"log.tensorboard": False, "train.epochs": 1}
         overrides = tiny_overrides(tiny_synthetic, root / method, root / "cache", **extra)
-        cfg = load_config(CONFIGS / "demo/ft.yaml", [*overrides, f"method.name={method}", f"name=tiny-{method}"])
+        cfg = load_experiment(CONFIGS / "demo/ft.yaml", [*overrides, f"method.name={method}", f"name=tiny-{method}"])
         Runner(cfg).run()
         out[method] = root / method
     return out
@@ -148,7 +148,7 @@ def test_cli_report_and_visualize(runs, tmp_path, capsys):
 
 # -- prediction grid -----------------------------------------------------------------------------
 def test_prediction_grid_per_step(runs, tmp_path):
-    from sats.report.overlay import colorize
+    from sats.data.overlay import colorize
     from sats.report.visualize import open_run, plot_prediction_grid, predict_grid
 
     ctx = open_run(runs["ft"], "cpu")

@@ -8,13 +8,15 @@ import math
 import pytest
 import torch
 
-from sats.config import ConfigError, load_config
+from sats.config import ConfigError
+
+from sats.experiment import load_experiment
 from sats.engine.runner import Runner
 from sats.losses.attention import sats_attention_loss
 from sats.losses.ce import cross_entropy
 from sats.losses.kd import unbiased_kd
 from sats.methods import build_method, validate_method_config
-from sats.methods.base import Batch, StepContext
+from sats.methods.base import Batch
 from sats.models.config import ModelConfig
 from sats.models.segmenter import build_segmenter, frozen_copy
 
@@ -164,7 +166,7 @@ def test_plop_selfattn_ablation_configs_load():
 
     for task in ("15-1", "15-5"):
         path = CONFIGS / "voc" / "ablations" / f"sats-plop-selfattn_mit-b2_voc-{task}.yaml"
-        cfg = load_config(path)
+        cfg = load_experiment(path)
         assert cfg.name == path.stem and cfg.data.task == task and cfg.method_name == "sats"
         assert cfg.model.backbone == "mit_b2" and cfg.data.overlap and not cfg.memory.enabled
         assert cfg.method["pooling"] == "plop" and cfg.method["reference_ablation_weight"] is True

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from conftest import CONFIGS
-from sats.config import ConfigError, load_config
+from sats.config import ConfigError
+from sats.experiment import load_experiment
 from sats.data.datasets import DataError, build_files
 from sats.data.saliency import FolderSaliency, load_saliency_model, write_saliency_from_masks
 from sats.data.tasks import Task
@@ -34,8 +35,8 @@ def ssul(**params):
 
 
 def ctx_for(step: int, **fields) -> StepContext:
-    values = dict(step=step, task=TASK, cfg=load_config(CONFIGS / "demo/ft.yaml"), model=None, old_model=None,
-                  device=torch.device("cpu"), run_dir=None, cache_dir=None, old_checkpoint_digest=None,
+    values = dict(step=step, task=TASK, cfg=load_experiment(CONFIGS / "demo/ft.yaml"), model=None, old_model=None,
+                  device=torch.device("cpu"), run_dir=None, old_checkpoint_digest=None,
                   train_loader=lambda **_: iter(()), autocast=contextlib.nullcontext, log_scalar=lambda n, v: None)
     values.update(fields)
     return StepContext(**values)

@@ -23,7 +23,8 @@ from PIL import Image
 
 from conftest import CONFIGS, tiny_overrides
 from data_helpers import save_mask
-from sats.config import ConfigError, load_config
+from sats.config import ConfigError
+from sats.experiment import load_experiment
 from sats.data.datasets import DataError
 from sats.data.synthetic import ensure_synthetic
 from sats.engine.data import ExperimentData
@@ -41,7 +42,7 @@ def _synthetic(root: Path, seed: int) -> Path:
 
 
 def _cfg(data_root: Path, run_dir: Path, cache: Path, *extra: str, config: str = "demo/ft.yaml", **values):
-    return load_config(CONFIGS / config, [*tiny_overrides(data_root, run_dir, cache, **values), *extra])
+    return load_experiment(CONFIGS / config, [*tiny_overrides(data_root, run_dir, cache, **values), *extra])
 
 
 # ------------------------------------------------------------------------------- 1. content-keyed caches
@@ -297,3 +298,12 @@ def test_no_progress_bar_records_when_stderr_is_not_a_terminal(tiny_synthetic, t
     monkeypatch.setattr(progress, "interactive", lambda: True)  # on a terminal the bars are drawn
     assert main([*args[:-1], "1"]) == 0
     assert "\r" in capsys.readouterr().err
+
+
+def test_identical_runs_share_the_threshold_cache(tiny_run, caplog):
+    """The old model is keyed by its weights, not by its checkpoint file (which holds timings)."""
+    for name in ("a", "b"):
+        with caplog.at_level(logging.INFO, logger="sats"):
+            caplog.clear()
+            Runner(tiny_run("plop", config="demo/plop.yaml", run_name=name, **{"train.share_step0": False})).run()
+    assert "pseudo-label thresholds taken from the cache" in caplog.text

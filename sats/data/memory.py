@@ -30,6 +30,7 @@ import numpy as np
 
 from sats.data.datasets import DataError, SegmentationFiles
 from sats.data.tasks import Task
+from sats.io import write_json_atomic
 
 __all__ = ["MEMORY_VERSION", "StepMemory", "build_step_memory", "load_memory", "memory_classes", "memory_path",
            "per_class_quota", "save_memory", "select_memory"]
@@ -126,8 +127,6 @@ def memory_path(run_dir: str | os.PathLike[str], t: int) -> Path:
 
 
 def save_memory(memory: StepMemory, files: SegmentationFiles, path: str | os.PathLike[str]) -> None:
-    from sats.engine.checkpoint import write_json_atomic
-
     write_json_atomic(path, memory.to_json(files))
 
 

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from sats.data.classes import IGNORE_INDEX
 from sats.data.datasets import DataError, SegmentationFiles
+from sats.io import write_json_atomic
 
 __all__ = ["SALIENCY_THRESHOLD", "FolderSaliency", "SaliencyModel", "SaliencySource", "ensure_saliency_from_masks",
            "load_saliency_model", "model_saliency", "resolve_saliency_root", "write_saliency_from_masks"]
@@ -171,7 +172,5 @@ def ensure_saliency_from_masks(files: SegmentationFiles, out_dir: str | os.PathL
     if fresh and all((out / f"{i}.png").is_file() for i in files.ids):
         return out
     write_saliency_from_masks(files, out, overwrite=not fresh)
-    from sats.engine.checkpoint import write_json_atomic
-
     write_json_atomic(stamp, current)
     return out

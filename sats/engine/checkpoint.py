@@ -1,4 +1,4 @@
-"""Atomic, self-verifying checkpoint files and atomic text/JSON writes.
+"""Atomic, self-verifying checkpoint files (the atomic write itself is :func:`sats.io.write_bytes_atomic`).
 
 File layout (``format_version`` 1)::
 
@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from sats.io import FileError, write_bytes_atomic
+
 __all__ = [
     "CheckpointError",
     "FORMAT_VERSION",
@@ -34,9 +36,8 @@ __all__ = [
     "load_checkpoint",
     "load_state_strict",
     "save_checkpoint",
+    "state_digest",
     "verify_checkpoint",
-    "write_json_atomic",
-    "write_text_atomic",
 ]
 
 MAGIC = b"SATSCKP\n"
@@ -45,39 +46,8 @@ _LEN = struct.Struct("<I")
 _MAX_HEADER = 4096
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint or result file could not be written or read; the message names the path."""
-
-
-def _fsync_dir(folder: Path) -> None:
-    if os.name != "posix":  # directories cannot be opened for fsync on Windows
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, chunks: list[bytes | memoryview], what: str) -> None:
-    """Write ``chunks`` to ``path`` via a fsynced temp file and ``os.replace``."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except OSError as e:
-        cause = f"{e.strerror} (errno {e.errno})" if e.strerror else repr(e)
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError as cleanup_error:
-            cause += f"; temp file {tmp} could not be removed: {cleanup_error}"
-        raise CheckpointError(f"cannot write {what} {path}: {cause}") from e
+class CheckpointError(FileError):
+    """A checkpoint could not be written or read (missing, truncated, corrupted, foreign); names the path."""
 
 
 def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike[str]) -> str:
@@ -101,7 +71,10 @@ def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike[str]) -> str:
     header = json.dumps(
         {"format_version": FORMAT_VERSION, "sha256": digest, "size": payload.nbytes}, separators=(",", ":")
     ).encode()
-    _write_atomic(path, [MAGIC, _LEN.pack(len(header)), header, payload], "checkpoint")
+    try:
+        write_bytes_atomic(path, [MAGIC, _LEN.pack(len(header)), header, payload], "checkpoint")
+    except FileError as e:
+        raise CheckpointError(str(e)) from e.__cause__
     return digest
 
 
@@ -197,6 +170,34 @@ def load_checkpoint(
     return obj
 
 
+def state_digest(obj: Any) -> str:
+    """SHA-256 of what a checkpoint *holds* (tensors by dtype, shape and bytes; other values by their text),
+    independent of when or how fast it was written: a cache key for "the same weights"."""
+    h = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(value, dict):
+            h.update(b"{")
+            for k in sorted(value, key=str):
+                h.update(repr(k).encode())
+                feed(value[k])
+            h.update(b"}")
+        elif isinstance(value, (list, tuple)):
+            h.update(b"[")
+            for v in value:
+                feed(v)
+            h.update(b"]")
+        else:
+            h.update(repr(value).encode())
+
+    feed(obj)
+    return h.hexdigest()
+
+
 def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike[str]) -> None:
     """Load every tensor of ``state`` into ``model`` or none: names and shapes are compared before anything
     is copied, and a mismatch is a CheckpointError listing the missing, unexpected and mis-shaped keys."""
@@ -214,16 +215,3 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], pa
     model.load_state_dict(state, strict=True)
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Write UTF-8 ``text`` to ``path`` atomically (temp file, fsync, rename, fsync folder)."""
-    _write_atomic(Path(path), [text.encode("utf-8")], "file")
-
-
-def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: int | None = 2) -> None:
-    """Write ``obj`` as strict JSON (NaN/Inf refused: convert them to ``None`` first) atomically."""
-    path = Path(path)
-    try:
-        text = json.dumps(obj, indent=indent, allow_nan=False, ensure_ascii=False)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"cannot encode JSON for {path}: {e}") from e
-    write_text_atomic(path, text + "\n")

@@ -7,13 +7,13 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from sats.config import ConfigError, DataConfig, ExperimentConfig, TrainConfig, digest
+from sats.config import ConfigError, DataConfig, ExperimentConfig, TrainConfig
 from sats.data.classes import NUM_CLASSES
 from sats.data.datasets import DataError, SegmentationFiles, StepDataset, build_files, check_dataset, format_problems
 from sats.data.labels import memory_lut, test_lut, train_lut, val_lut
@@ -24,8 +24,10 @@ from sats.data.splits import StepSplit, class_presence, compute_splits, import_r
 from sats.data.tasks import Task, get_task
 from sats.data.transforms import eval_transform, train_transform
 from sats.engine.distributed import DistInfo
+from sats.io import digest
+from sats.rng import item_seed, memory_seed, step_seed
 from sats.engine.evaluator import ShardedEvalSampler
-from sats.methods.base import Batch
+from sats.data.batch import Batch
 
 log = logging.getLogger("sats")
 
@@ -109,7 +111,7 @@ class MemorySampler(Sampler[int]):
         self.epoch_seed = seed
 
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed((self.epoch_seed * 2_654_435_761 + 97) % (2**63 - 1))
+        g = torch.Generator().manual_seed(memory_seed(self.epoch_seed))
         out: List[int] = []
         while len(out) < self.num_samples:
             out += torch.randperm(self.size, generator=g)[self.rank::self.world].tolist()
@@ -138,7 +140,7 @@ class SeededStepDataset(StepDataset):
         self.epoch_seed = seed
 
     def __getitem__(self, k: int) -> tuple[torch.Tensor, ...]:
-        self.transform.rng = random.Random(self.epoch_seed * 1_000_003 + int(k))
+        self.transform.rng = random.Random(item_seed(self.epoch_seed, k))
         return super().__getitem__(k)
 
 
@@ -291,6 +293,22 @@ class ExperimentData:
         mem_loader = DataLoader(mem_ds, batch_size=memory_batch, sampler=mem_sampler, num_workers=d.workers,
                                 drop_last=True, pin_memory=pin, persistent_workers=False)
         return TrainBatches(current, mem_loader)
+
+    def extra_passes(self, step: int, joint: bool, dist: DistInfo, device: torch.device,
+                     saliency: bool) -> Callable[..., Iterator[Batch]]:
+        """``ctx.train_loader``: ``loader(label_table=None)`` is one more pass over the step's current-step images
+        (no memory; ``data.batch_size`` per process) on ``device``, shuffled afresh at every call (the first
+        call's order is the step's own, so its results do not depend on how many passes a method makes)."""
+        calls = [0]
+
+        def loader(label_table: Optional[np.ndarray] = None) -> Iterator[Batch]:
+            seed = step_seed(self.cfg.train.seed, step, -1 - calls[0])
+            calls[0] += 1
+            for batch in self.train_loader(step, joint, self.cfg.train, dist, seed, label_table=label_table,
+                                           saliency=saliency):
+                yield batch.to(device)
+
+        return loader
 
     # -- saliency and exemplar memory -------------------------------------------------------------
     def saliency_source(self, positions: Optional[np.ndarray] = None) -> FolderSaliency:

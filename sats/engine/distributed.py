@@ -7,12 +7,10 @@ MASTER_ADDR and MASTER_PORT. Without them every helper works in single-process m
 from __future__ import annotations
 
 import os
-import random
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -29,7 +27,6 @@ __all__ = [
     "init_distributed",
     "is_distributed",
     "is_main",
-    "seed_everything",
     "set_deterministic",
     "unwrap",
 ]
@@ -184,19 +181,6 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod  # type: ignore[assignment]
         else:
             return model
-
-
-def seed_everything(seed: int, rank: int = 0) -> torch.Generator:
-    """Seed python, numpy and torch (all devices) with ``seed + rank``; return a CPU generator seeded alike."""
-    if seed < 0 or rank < 0:
-        raise ValueError(f"seed_everything: seed and rank must be >= 0, got seed={seed}, rank={rank}")
-    value = int(seed) + int(rank)
-    random.seed(value)
-    np.random.seed(value % 2**32)
-    torch.manual_seed(value)
-    generator = torch.Generator()
-    generator.manual_seed(value)
-    return generator
 
 
 def set_deterministic(on: bool) -> None:

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
-from sats.config import ExperimentConfig, load_config
+from sats.config import ExperimentConfig
+
+from sats.experiment import load_experiment
 from sats.engine import results as results_io
-from sats.engine.data import ExperimentData, same_data
+from sats.engine.data import ExperimentData
 from sats.engine.distributed import DistInfo
 from sats.engine.evaluator import evaluate_loader
 from sats.engine.optim import amp_dtype, autocast_factory
@@ -45,11 +47,12 @@ def retest_run(run_dir: Path, step: Optional[int] = None, tolerance: float = 1e-
                        (f" (also steps {missing[1:]})" if len(missing) > 1 else "") +
                        "; `sats test RUN_DIR --step N` tests the steps that have one")
     overrides = [f"run_dir={run_dir}"]
-    cfg = load_config(rundir.config_path, overrides)
+    cfg = load_experiment(rundir.config_path, overrides)
     if cfg.data.on_error == "raise":  # the run checked every file; a bad one now fails when it is read
-        cfg = load_config(rundir.config_path, overrides + ["data.check=false"])
+        cfg = load_experiment(rundir.config_path, overrides + ["data.check=false"])
     evaluator = CheckpointEvaluator(cfg, device)
-    _warn_if_data_changed(run_dir, evaluator.data.fingerprint(), recorded)
+    rundir.warn_if_data_changed(evaluator.data.fingerprint(), "a MISMATCH below may come from the data, not the "
+                                "checkpoints")
     ok = True
     print("| step | recorded mIoU | re-evaluated mIoU | max per-class difference |\n|---:|---:|---:|---:|")
     for t in steps:
@@ -95,11 +98,3 @@ def compare_rows(row: Dict[str, Any], recorded: Dict[str, Any]) -> tuple[float, 
     same = len(row["iou"]) == len(recorded["iou"]) and all((a is None) == (b is None) for a, b in pairs)
     worst = max((abs((a or 0.0) - (b or 0.0)) for a, b in pairs if (a is None) == (b is None)), default=0.0)
     return worst, same
-
-
-def _warn_if_data_changed(run_dir: Path, now: Dict[str, Any], recorded: Dict[int, Dict[str, Any]]) -> None:
-    seen: List[Any] = [r["data"] for r in recorded.values() if r.get("data") is not None]
-    if any(not same_data(fp, now) for fp in seen):
-        log.warning("%s: the dataset's files changed since the run evaluated them (recorded %s, now %s); a "
-                    "MISMATCH below may come from the data, not the checkpoints", run_dir, seen[-1], now)
-

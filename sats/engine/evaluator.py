@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Sampler
 
-__all__ = ["ConfusionMatrix", "Metrics", "ShardedEvalSampler", "evaluate"]
+__all__ = ["ConfusionMatrix", "Metrics", "ShardedEvalSampler", "evaluate_loader"]
 
 
 def _none_if_nan(value: float) -> float | None:
@@ -221,65 +219,6 @@ class ShardedEvalSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self._indices)
-
-
-def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    raise TypeError(f"evaluate: a batch must be a (images, masks, ...) tuple/list, got {type(batch).__name__}")
-
-
-def evaluate(
-    model: torch.nn.Module,
-    loader: Iterable[Any],
-    num_classes: int,
-    device: torch.device | str,
-    *,
-    amp_dtype: torch.dtype | None = None,
-    need_full_image: bool = False,
-    progress: bool = True,
-) -> Metrics:
-    """Evaluate ``model`` on ``loader``; metrics summed over all ranks.
-
-    The loader yields ``(images (B, 3, H, W), masks (B, H, W) int64, ...)``; sizes may differ
-    between batches (full-image evaluation with batch 1). ``model(images).logits`` must be
-    ``(B, num_classes, h, w)``. With ``need_full_image`` the logits are bilinearly resized to
-    the mask size when they differ; otherwise a size mismatch is an error.
-    The model's train/eval mode is restored on return.
-    """
-    device = torch.device(device)
-    confusion = ConfusionMatrix(num_classes, device)
-    initialised = dist.is_available() and dist.is_initialized()
-    show = progress and (not initialised or dist.get_rank() == 0)
-    autocast = torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-    was_training = model.training
-    model.eval()
-    iterator: Iterable[Any] = loader
-    if show:
-        from tqdm import tqdm
-
-        iterator = tqdm(loader, desc="eval", total=len(loader) if isinstance(loader, Sized) else None, leave=False, dynamic_ncols=True)
-    try:
-        with torch.no_grad():
-            for batch in iterator:
-                images, masks = _split_batch(batch)
-                images = images.to(device, non_blocking=True)
-                masks = masks.to(device, non_blocking=True)
-                with autocast:
-                    logits = model(images).logits
-                if logits.dim() != 4 or logits.shape[1] != num_classes:
-                    raise ValueError(f"evaluate: logits shape {tuple(logits.shape)} is not (B, {num_classes}, H, W)")
-                if logits.shape[-2:] != masks.shape[-2:]:
-                    if not need_full_image:
-                        raise ValueError(
-                            f"evaluate: logits size {tuple(logits.shape[-2:])} != mask size {tuple(masks.shape[-2:])}; "
-                            "pass need_full_image=True to resize the logits to the mask"
-                        )
-                    logits = F.interpolate(logits.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
-                confusion.update(logits.max(dim=1).indices, masks)  # = argmax, faster on CPU
-    finally:
-        model.train(was_training)
-    return confusion.all_reduce_().compute()
 
 
 def evaluate_loader(model: nn.Module, loader: Iterable[Any], num_outputs: int, predict: Callable[[Tensor], Tensor],

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from sats.data.tasks import Task
-from sats.engine.checkpoint import write_json_atomic, write_text_atomic
+from sats.io import write_json_atomic, write_text_atomic
 from sats.engine.evaluator import Metrics
 
 RESULTS_JSON = "results.json"
@@ -40,6 +40,24 @@ def make_row(step: int, metrics: Metrics, groups: Dict[str, List[int]], task: Ta
     row.update({k: _clean(v) for k, v in metrics.group_miou(groups).items()})
     row["groups"] = groups
     return row
+
+
+def training_record(counters: Dict[str, Any], iterations: int, eval_time_s: float) -> Dict[str, Any]:
+    """The training part of a step's row: times, images/s, iterations, skipped iterations, epoch losses."""
+    return {"train_time_s": round(counters["train_time_s"], 3), "eval_time_s": round(eval_time_s, 3),
+            "train_images_per_s": round(counters["images"] / max(counters["train_time_s"], 1e-9), 2),
+            "iterations": iterations, "nonfinite_skipped": counters["nonfinite_skipped"],
+            "epoch_losses": counters["epoch_losses"]}
+
+
+def run_header(cfg: Any, method: str, task: Task, num_steps: int, joint: bool, class_names: Sequence[str],
+               skipped: Dict[str, int], data: Dict[str, Any]) -> Dict[str, Any]:
+    """The run-level part of ``results.json``: what ran (config, method, task, classes) on which data."""
+    return {"name": cfg.name, "method": method, "method_params": cfg.method, "dataset": cfg.data.dataset,
+            "task": task.name, "overlap": cfg.data.overlap, "backbone": cfg.model.backbone, "num_steps": num_steps,
+            "joint": joint, "memory": cfg.memory.size if cfg.memory.enabled else None,
+            "channel_classes": list(task.channel_classes), "class_names": [class_names[c] for c in task.channel_classes],
+            "skipped_bad_files": skipped, "data": data}
 
 
 def load_rows(run_dir: Path) -> Dict[int, Dict[str, Any]]:

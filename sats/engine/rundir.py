@@ -19,17 +19,21 @@ import json
 import logging
 import logging.handlers
 import os
+import shutil
 import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 from sats.config import ExperimentConfig, config_to_dict, save_config
 from sats.data.tasks import Task
-from sats.engine.checkpoint import CheckpointError, load_checkpoint, load_state_strict, verify_checkpoint
+from sats.data.fingerprint import file_fingerprints
+from sats.engine.checkpoint import CheckpointError, load_checkpoint, load_state_strict, save_checkpoint, verify_checkpoint
+from sats.engine.distributed import all_agree, barrier
+from sats.io import digest
 from sats.models.config import ModelConfig
 from sats.models.segmenter import Segmenter, build_segmenter
 
@@ -197,6 +201,43 @@ class RunDir:
                            f"file and those of later steps are moved to {self.ckpt_dir}/discarded-<time>/), or "
                            f"delete {path} and the checkpoints of the steps after it") from e
 
+    def warn_if_data_changed(self, now: Dict[str, Any], what: str = "later steps train on the current files") -> None:
+        """Log which recorded steps saw other files than ``now`` (:meth:`ExperimentData.fingerprint`; the root may
+        differ: a moved copy of the same files is the same data)."""
+        from sats.engine import results as results_io
+        from sats.engine.data import same_data
+
+        rows = results_io.load_rows(self.path)
+        changed = [t for t, r in sorted(rows.items()) if r.get("data") is not None and not same_data(r["data"], now)]
+        if changed:
+            log.warning("%s: the dataset's files changed since step(s) %s were evaluated (recorded in results.json: "
+                        "%s; now: %s); %s", self.path, changed, rows[changed[0]]["data"], now, what)
+
+    def verify_finished_steps(self, steps: Sequence[int], device: torch.device, is_main: bool) -> None:
+        """:meth:`verify_finished` for every step of ``steps`` that has a checkpoint (the main process reads the
+        files); every rank raises when one is damaged, before anything trains."""
+        error: Optional[RunError] = None
+        if is_main:
+            try:
+                for t in (t for t in steps if self.step_checkpoint(t).exists()):
+                    self.verify_finished(t)
+            except RunError as exc:
+                error = exc
+        if not all_agree(error is None, device):
+            raise error or RunError(f"{self.path}: a step checkpoint is damaged (see the main process's error)")
+
+    def row_from_checkpoint(self, t: int, head_sizes: List[int], backbone: str, task: Task) -> Optional[Dict[str, Any]]:
+        """The results row stored in a finished step's checkpoint (a run stopped before writing results.json)."""
+        path = self.step_checkpoint(t)
+        if not path.exists():
+            return None
+        ckpt = load_checkpoint(path)
+        check_step_checkpoint(ckpt, path, t, head_sizes, backbone, task)
+        if "row" not in ckpt:
+            return None
+        log.info("step %d finished before the run stopped; its results row is taken from %s", t, path)
+        return ckpt["row"]
+
     def discard_steps_from(self, t: int) -> List[Path]:
         """Move the checkpoints (and memory files) of steps ≥ ``t`` aside and drop their results rows."""
         from sats.engine import results as results_io
@@ -218,6 +259,97 @@ class RunDir:
         if moved:
             log.info("--redo-step %d: moved %d file(s) to %s", t, len(moved), target)
         return moved
+
+
+class SharedStep0:
+    """A plain-CE step 0 shared by every run whose step 0 is the same: ``<data.cache_dir>/step0/<key>/``
+    (``step0.ckpt`` and its results row ``row.json``). ``key`` hashes everything that determines the step
+    (the runner builds it: the method's step-0 recipe, the images by content, model, schedule, pipeline,
+    process count). An entry counts only with both files; the row is written last."""
+
+    #: train keys that do not change a step-0 checkpoint (left out of the key)
+    FREE_TRAIN_KEYS = ("lr_incremental", "epochs_incremental", "log_every", "share_step0", "threads", "val_every",
+                       "select", "on_nonfinite", "max_skipped_fraction", "dist_timeout_s")
+
+    def __init__(self, cache_dir: Path, key: str) -> None:
+        self.dir = Path(cache_dir) / "step0" / key
+
+    @classmethod
+    def for_run(cls, cfg: ExperimentConfig, recipe: str, data_digest: str, world_size: int) -> "SharedStep0":
+        """The entry of a run's step 0: ``recipe`` (the method's step-0 key), ``data_digest`` (the step's images
+        by content), the model (and the bytes of ``model.pretrained``), schedule, pipeline and process count."""
+        as_dict = config_to_dict(cfg)
+        determinants = {
+            "recipe": recipe, "data": data_digest, "model": as_dict["model"],
+            "pretrained": file_fingerprints([Path(cfg.model.pretrained)], Path(cfg.data.cache_dir) / "data")[0]
+            if cfg.model.pretrained else None,
+            "train": {k: v for k, v in as_dict["train"].items() if k not in cls.FREE_TRAIN_KEYS},
+            "data_pipeline": {k: getattr(cfg.data, k) for k in ("crop_size", "scale_min", "scale_max", "batch_size",
+                                                                 "eval_size", "eval_mode")},
+            "world_size": world_size,
+        }
+        return cls(Path(cfg.data.cache_dir), digest(determinants))
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.dir / "step0.ckpt"
+
+    @property
+    def row_path(self) -> Path:
+        return self.dir / "row.json"
+
+    def available(self) -> bool:
+        return self.checkpoint.exists() and self.row_path.exists()
+
+    def read(self) -> tuple[Dict[str, Any], Dict[str, Any]]:
+        """(checkpoint, results row); CheckpointError/OSError/ValueError when the entry is damaged."""
+        return load_checkpoint(self.checkpoint), json.loads(self.row_path.read_text())
+
+    def adopt(self, step0_checkpoint: Path, head_sizes: List[int], backbone: str, task: Task, device: torch.device,
+              is_main: bool) -> Optional[Dict[str, Any]]:
+        """Copy the entry to a run's ``step0_checkpoint`` and return its row (marked ``shared_step0``); a damaged
+        entry is set aside and None returned (every rank agrees), so one bad entry never fails every run."""
+        problem, ckpt, row = "", None, None
+        try:
+            ckpt, row = self.read()  # the checkpoint's hash is verified before it is adopted
+        except (CheckpointError, OSError, ValueError) as exc:
+            problem = str(exc)
+        if not all_agree(not problem, device):
+            if is_main:
+                self.set_aside(problem)
+            barrier()
+            return None
+        assert ckpt is not None and row is not None
+        check_step_checkpoint(ckpt, self.checkpoint, 0, head_sizes, backbone, task)
+        if is_main:  # unchanged bytes: caches keyed by its digest stay shared
+            save_checkpoint(ckpt, step0_checkpoint)
+        barrier()
+        row["shared_step0"] = self.dir.name
+        log.info("step 0: reusing the shared plain-CE step-0 checkpoint %s (mIoU %.2f)", self.dir, row["miou"] * 100)
+        return row
+
+    def set_aside(self, problem: str) -> Path:
+        """Move a damaged entry to ``<key>.damaged-<time>`` (kept for inspection, never used again)."""
+        aside = self.dir.with_name(f"{self.dir.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.dir.replace(aside)
+        log.warning("step 0: the shared step-0 checkpoint is damaged (%s); moved it to %s and training step 0 again",
+                    problem or "on another rank", aside)
+        return aside
+
+    def store(self, step0_checkpoint: Path, row: Dict[str, Any]) -> None:
+        """Copy a run's step-0 checkpoint in (atomically), then its row."""
+        from sats.engine import results as results_io
+
+        tmp = self.dir / f"step0.ckpt.tmp-{os.getpid()}"
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(step0_checkpoint, tmp)
+            tmp.replace(self.checkpoint)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise CheckpointError(f"cannot write the shared step-0 checkpoint {self.checkpoint}: "
+                                  f"{exc.strerror or exc}") from exc
+        results_io.write_json(self.row_path, row)
 
 
 def _step_of(name: str) -> Optional[int]:

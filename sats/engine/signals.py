@@ -10,13 +10,11 @@ checkpoint, after a step), writes a checkpoint of the current state and raises
 from __future__ import annotations
 
 import os
-import random
 import signal
 import threading
 from types import FrameType
 from typing import Any, Dict, Iterator, List, Optional
 
-import numpy as np
 import torch
 
 from sats.engine.distributed import all_reduce_sum_, is_distributed
@@ -96,31 +94,6 @@ class StopRequest:
             return self.requested
         flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
         return bool(all_reduce_sum_(flag).item() > 0)
-
-
-def capture_rng() -> Dict[str, Any]:
-    """This process's python / numpy / torch (CPU and CUDA) RNG states, storable with ``weights_only`` loading."""
-    version, keys, gauss = random.getstate()
-    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state: Dict[str, Any] = {
-        "python": [version, torch.tensor(keys, dtype=torch.int64), gauss],
-        "numpy": [torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: Dict[str, Any]) -> None:
-    """Inverse of :func:`capture_rng`."""
-    version, keys, gauss = state["python"]
-    random.setstate((version, tuple(int(k) for k in keys.tolist()), gauss))
-    np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
-    np.random.set_state(("MT19937", np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def gather_per_rank(obj: Any) -> List[Any]:

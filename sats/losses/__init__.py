@@ -2,8 +2,21 @@
 
 Per-pixel losses default to the reference reduction ``"all_pixels"``: sum over pixels divided
 by all pixels of the batch, ignored (255) pixels included (docs/methods.md §3 notation).
+
+Modules: ``ce`` (CE, unbiased CE, multi-label BCE), ``kd`` (KD, unbiased KD, BCE KD, feature
+MSE), ``pod`` (PLOP's local POD), ``pseudo_labels`` (entropy pseudo-labels and their
+thresholds), ``attention`` (SATS's attention / feature transfer), ``importance`` (the EWC / RW /
+PI quadratic penalty and its normalisation; the stateful trackers are in
+``sats.methods._importance_trackers``). Everything public in them is exported here.
 """
 
+from sats.losses.attention import (
+    class_region_weights,
+    downsample_labels,
+    plop_attention_loss,
+    sats_attention_loss,
+    sats_feature_loss,
+)
 from sats.losses.ce import (
     IGNORE_INDEX,
     REDUCTIONS,
@@ -13,6 +26,7 @@ from sats.losses.ce import (
     reduce_pixel_loss,
     unbiased_cross_entropy,
 )
+from sats.losses.importance import minmax_normalize, quadratic_penalty
 from sats.losses.kd import bce_kd, feature_mse, kd_old_channels, unbiased_kd
 from sats.losses.pod import collapse_new_channels, local_pod_loss, pod_distance, pod_embedding
 from sats.losses.pseudo_labels import (
@@ -23,8 +37,6 @@ from sats.losses.pseudo_labels import (
     reference_uncertainty,
 )
 
-# -- attention.py (SATS) and importance.py (EWC / RW / PI) re-exports go here (owned by another engineer) --
-
 __all__ = [
     "IGNORE_INDEX",
     "INFINITE_THRESHOLD_VALUE",
@@ -32,18 +44,25 @@ __all__ = [
     "Reduction",
     "ThresholdAccumulator",
     "bce_kd",
+    "class_region_weights",
     "collapse_new_channels",
     "cross_entropy",
+    "downsample_labels",
     "entropy_pseudo_labels",
     "feature_mse",
     "kd_old_channels",
     "local_pod_loss",
+    "minmax_normalize",
     "multilabel_bce",
     "normalized_entropy",
+    "plop_attention_loss",
     "pod_distance",
     "pod_embedding",
+    "quadratic_penalty",
     "reduce_pixel_loss",
     "reference_uncertainty",
+    "sats_attention_loss",
+    "sats_feature_loss",
     "unbiased_cross_entropy",
     "unbiased_kd",
 ]

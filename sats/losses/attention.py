@@ -45,7 +45,6 @@ __all__ = [
     "downsample_labels",
     "plop_attention_loss",
     "sats_attention_loss",
-    "class_pooled_features",
     "sats_feature_loss",
 ]
 
@@ -371,45 +370,6 @@ def plop_attention_loss(
         raise ValueError(f"plop_attention_loss: factor must be finite and >= 0, got {factor}")
     per_row = sats_attention_loss(new_attn, old_attn, None, pooling="none")
     return per_row * (factor * math.sqrt(num_classes_seen / num_new))
-
-
-def class_pooled_features(
-    features: Sequence[Tensor],
-    labels: Tensor,
-    num_channels: int | None = None,
-    exclude: Sequence[int] = (0, IGNORE_INDEX),
-) -> list[tuple[Tensor, Tensor]]:
-    """Mean feature of every class region, per map.
-
-    Args:
-        features: per map ``(B, C, h, w)``.
-        labels: ``(B, H, W)`` int label map; downsampled (nearest-exact) to each ``(h, w)``.
-        num_channels: ``K``; default ``1 + max`` valid label.
-        exclude: label values never pooled.
-
-    Returns:
-        per map ``(pooled (B, K, C), present (B, K) bool)``; rows of absent classes are 0.
-    """
-    if labels.dim() != 3:
-        raise ValueError(f"labels must be (B, H, W), got shape {tuple(labels.shape)}")
-    if num_channels is None:
-        values = [v for v in torch.unique(labels).tolist() if v not in exclude]
-        num_channels = max(values, default=0) + 1
-    _check_label_range(labels, num_channels, exclude)
-    pooled_maps = []
-    for index, feature in enumerate(features):
-        if feature.dim() != 4 or feature.shape[0] != labels.shape[0]:
-            raise ValueError(
-                f"feature map {index}: expected (B={labels.shape[0]}, C, h, w), got {tuple(feature.shape)}"
-            )
-        labels_small = downsample_labels(labels, (feature.shape[2], feature.shape[3])).flatten(1)
-        weights, present = class_region_weights(
-            labels_small, num_channels, exclude, dtype=feature.dtype, validate=False
-        )
-        # (B, K, N) @ (B, N, C); the transposed view needs no copy.
-        pooled = torch.bmm(weights, feature.flatten(2).transpose(1, 2))
-        pooled_maps.append((pooled, present))
-    return pooled_maps
 
 
 def sats_feature_loss(

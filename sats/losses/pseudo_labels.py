@@ -77,8 +77,8 @@ class ThresholdAccumulator:
 
     ``histogram`` is an int64 tensor ``(K_old, bins)`` of counts over ``[0, 1]`` (bin width
     ``1/bins``; values ``≥ 1`` go to the last bin, as in the reference). With several
-    processes, sum it before :meth:`thresholds`:
-    ``torch.distributed.all_reduce(acc.histogram)`` (the default op is SUM).
+    processes, sum it over the ranks before :meth:`thresholds` (the pseudo-label frame
+    :mod:`sats.methods._pseudo` does, with ``ctx.all_reduce_sum_(acc.histogram)``).
 
     Counts are exact int64. (The reference accumulates in a float32 tensor, where a bin stops
     growing at 2^24 ≈ 16.8 M counts; that saturation is not reproduced, even in

@@ -1,11 +1,35 @@
-"""Continual-learning methods: one file each, registered by name."""
+"""Continual-learning methods: one file each, registered by name.
 
-from sats.methods.base import (Batch, Method, StepContext, build_method, get_method_class, iter_methods,
-                               list_methods, register_method, validate_method_config)
-from sats.methods import ft  # noqa: F401  (registers ft, joint)
-from sats.methods import ilt, lwf, lwf_mc, mib, plop, sats  # noqa: F401  (register the distillation methods and SATS)
-from sats.methods import ewc, pi, rw  # noqa: F401  (register the importance-regularised methods)
-from sats.methods import ssul  # noqa: F401  (registers ssul)
+Every module of this package is imported here (:func:`discover_methods`), so a method file dropped
+into ``sats/methods/`` registers itself (``@register_method``) without editing another file. Modules
+whose name starts with ``_`` are shared frames of several methods (``_pseudo``, ``_importance``, …);
+they are imported too, so a broken frame fails at import, not at the first run that needs it.
+"""
 
-__all__ = ["Batch", "Method", "StepContext", "build_method", "get_method_class", "iter_methods", "list_methods",
-           "register_method", "validate_method_config"]
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Iterable, List
+
+from sats.methods.base import (Batch, CEParams, Method, StepContext, build_method, check_weight, get_method_class,
+                               iter_methods, list_methods, register_method, require_old_logits,
+                               validate_method_config)
+
+
+def discover_methods(package: str = __name__, path: Iterable[str] = __path__) -> List[str]:
+    """Import every module of ``package`` (found on ``path``, in name order); returns their dotted names.
+
+    Importing a method module runs its ``@register_method`` decorators. Sub-packages are not entered.
+    """
+    names = [f"{package}.{info.name}" for info in pkgutil.iter_modules(list(path)) if not info.ispkg]
+    for name in names:
+        importlib.import_module(name)
+    return names
+
+
+MODULES = discover_methods()  # the modules of sats.methods, every method registered
+
+__all__ = ["Batch", "CEParams", "MODULES", "Method", "StepContext", "build_method", "check_weight",
+           "discover_methods", "get_method_class", "iter_methods", "list_methods", "register_method",
+           "require_old_logits", "validate_method_config"]

@@ -3,7 +3,7 @@
 ``L = CE(z, y) + λ Σ_k Î_k (θ_k − θ_k^old)²`` at steps > 0, with ``λ = lambda_reg`` (100) and ``Î``
 the previous step's importance, min-max normalised per parameter tensor. Only parameters that exist
 in the old model are penalised (new heads are free). The three methods differ only in the tracker of
-:mod:`sats.losses.importance` that accumulates the importance during a step (EMA of squared
+:mod:`sats.methods._importance_trackers` that accumulates the importance during a step (EMA of squared
 gradients, plus RW's path score, or PI's path integral), so each is a small subclass of
 :class:`ImportanceMethod` naming its tracker and hyper-parameters.
 
@@ -31,7 +31,8 @@ forward is never run (``old_forward = False``).
 
 DDP: the gradients read in ``after_backward`` are already averaged across ranks, so every rank
 computes the same update and nothing is communicated per iteration. At the end of a step the
-accumulators are averaged across ranks once (``all_reduce_``) before the step's importance is
+accumulators are averaged across ranks once (``all_reduce_`` with ``ctx.all_reduce_sum_`` and
+``ctx.world_size``: the tracker never calls torch.distributed itself) before the step's importance is
 finalised, a cheap guard against any rank drifting. (The reference updates on rank 0 only, §3.5,
 which yields the same values.)
 
@@ -47,11 +48,8 @@ from typing import Any, ClassVar, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from sats.losses.ce import cross_entropy
-from sats.losses.importance import ImportanceTracker, build_importance_tracker
-from sats.methods.base import Batch, Method, StepContext
-from sats.methods.ft import CEParams
-from sats.methods.lwf import check_weight
+from sats.methods._importance_trackers import ImportanceTracker, build_importance_tracker
+from sats.methods.base import Batch, CEParams, Method, StepContext, check_weight
 
 NamedParameters = List[Tuple[str, torch.nn.Parameter]]
 
@@ -149,7 +147,7 @@ class ImportanceMethod(Method):
                                          "has an importance; the penalty would be off")
 
     def loss(self, batch: Batch, out, old_out: Optional[object], ctx: StepContext) -> Dict[str, Tensor]:
-        terms = {"ce": cross_entropy(out.logits, batch.labels, reduction=self.params.reduction)}
+        terms = self.ce_terms(batch, out)
         if self.tracker.penalty_active:
             # value only: the gradient is added analytically in after_backward, after the importance update
             # (from the same √Î·(θ − θ_old), computed once per iteration)
@@ -167,7 +165,7 @@ class ImportanceMethod(Method):
 
     def end_step(self, ctx: StepContext) -> None:
         """Average the accumulators across DDP ranks, then finalise this step's importance."""
-        self.tracker.all_reduce_()
+        self.tracker.all_reduce_(ctx.all_reduce_sum_, ctx.world_size)
         self.tracker.end_step(self._params)
         self._params = []
 

@@ -8,17 +8,17 @@ in ``begin_step`` (steps > 0) and :meth:`~EntropyThresholds.pseudo_labels` in ``
 ``prepare`` takes the per-class thresholds ``τ`` ``(K_{t−1},)`` from, in order:
 
 1. the method state (a resumed step: nothing is recomputed);
-2. the disk cache ``<cache_dir>/thresholds/<key>.pt`` (atomic, hash-verified files);
+2. the step's artifact cache ``ctx.cache`` (``<data.cache_dir>/thresholds/<key>.pt``, verified files);
 3. one pass of the frozen old model (eval, no grad, the run's autocast) over the step's training
    batches: per-class histograms of the uncertainty of the pixels selected by ``pixels``
-   (:class:`~sats.losses.pseudo_labels.ThresholdAccumulator`), summed over DDP ranks, then the
-   median per class; the result is written to the cache by rank 0.
+   (:class:`~sats.losses.pseudo_labels.ThresholdAccumulator`), summed over DDP ranks
+   (``ctx.all_reduce_sum_``), then the median per class; the result is put into the cache.
 
 The cache key hashes everything the thresholds depend on (§6 item 12 fixed): the old checkpoint's
 content digest, the step, the task's class lists, the step's image lists (``ctx.data_digest``), the
 settings below, the crop/batch pipeline, the seed and the world size. The pass runs under its own
-RNG seeded from (seed, step, rank), so its random crops do not depend on what ran before it and the
-training RNG is left exactly as it was.
+RNG (``ctx.isolated_rng()``, seeded from (seed, step, rank)), so its random crops do not depend on
+what ran before it and the training RNG is left exactly as it was.
 
 Settings:
 
@@ -33,32 +33,26 @@ Settings:
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import random
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Callable, ClassVar, ContextManager, Dict, Iterable, Iterator, Optional, Tuple
+from typing import Any, Callable, ClassVar, ContextManager, Dict, Iterable, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from sats.config import digest
-from sats.engine.checkpoint import load_checkpoint, save_checkpoint
-from sats.engine.distributed import all_reduce_sum_, get_rank, get_world_size, is_distributed, is_main
+from sats.io import digest
 from sats.losses.pseudo_labels import (ThresholdAccumulator, entropy_pseudo_labels, normalized_entropy,
                                        reference_uncertainty)
 from sats.losses.ce import cross_entropy
-from sats.methods.base import Batch, Method, StepContext
-from sats.methods.ft import CEParams
-from sats.methods.lwf import require_old_logits
+from sats.methods.base import Batch, CEParams, Method, StepContext, require_old_logits
 
 log = logging.getLogger("sats")
 
 THRESHOLD_MODES = ("correct", "reference")
 THRESHOLD_PIXELS = ("label0", "true_background")
 _CACHE_VERSION = 1
+CACHE_KIND = "thresholds"  # ctx.cache entries <data.cache_dir>/thresholds/<key>.pt
 
 
 @dataclass(frozen=True)
@@ -123,7 +117,8 @@ def raw_label_table() -> np.ndarray:
 
 def accumulate_thresholds(old_model: torch.nn.Module, batches: Iterable[Batch], num_outputs: int,
                           settings: ThresholdSettings, autocast: Callable[[], ContextManager[Any]],
-                          device: torch.device) -> Tuple[Tensor, Tensor]:
+                          device: torch.device, all_reduce_sum_: Callable[[Tensor], Tensor] = lambda t: t
+                          ) -> Tuple[Tensor, Tensor]:
     """One pass of ``old_model`` over ``batches`` → ``(thresholds, histogram)``.
 
     ``thresholds`` ``(K_{t−1},)`` float32, ``histogram`` ``(K_{t−1}, bins)`` int64 (on the CPU).
@@ -143,24 +138,8 @@ def accumulate_thresholds(old_model: torch.nn.Module, batches: Iterable[Batch], 
             accumulator.update(uncertainty, old_logits.max(dim=1).indices, batch.labels == 0)
     if accumulator is None:
         raise RuntimeError("pseudo-label thresholds: the training loader yielded no batch")
-    all_reduce_sum_(accumulator.histogram)
+    all_reduce_sum_(accumulator.histogram)  # every rank's pixels (ctx.all_reduce_sum_ under DDP)
     return accumulator.thresholds(settings.floor), accumulator.histogram.cpu()
-
-
-@contextlib.contextmanager
-def _isolated_rng(seed: int, device: torch.device) -> Iterator[None]:
-    """Run a block with Python, NumPy and torch RNGs seeded with ``seed``; restore the previous states after."""
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    devices = [device] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-            torch.manual_seed(seed)
-            yield
-    finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
 
 
 class EntropyThresholds:
@@ -193,12 +172,8 @@ class EntropyThresholds:
             "settings": asdict(self.settings),
             "pipeline": {"crop_size": data.crop_size, "scale": [data.scale_min, data.scale_max],
                          "batch_size": data.batch_size, "drop_last": train.drop_last, "seed": train.seed,
-                         "world_size": get_world_size()},
+                         "world_size": ctx.world_size},
         }
-
-    @staticmethod
-    def cache_path(cache_dir: Any, key: str) -> Path:
-        return Path(cache_dir) / "thresholds" / f"{key}.pt"
 
     # -- the thresholds of a step -------------------------------------------------------------
     def prepare(self, ctx: StepContext) -> Tensor:
@@ -211,35 +186,34 @@ class EntropyThresholds:
             self.thresholds = self.thresholds.to(ctx.device)
             log.info("step %d: pseudo-label thresholds restored from the method state (key %s)", ctx.step, key)
             return self.thresholds
-        path = self.cache_path(ctx.cache_dir, key) if key is not None else None
-        if path is not None and _on_every_rank(path.exists(), ctx.device):
-            cached = load_checkpoint(path)
+        cached = ctx.cache.get(CACHE_KIND, key) if key is not None and ctx.cache is not None else None
+        if cached is not None:
             if cached.get("key") != key or cached["thresholds"].shape != (ctx.num_old,):
-                raise RuntimeError(f"{path}: threshold cache holds key {cached.get('key')!r} and shape "
-                                   f"{tuple(cached['thresholds'].shape)}; expected {key!r} and ({ctx.num_old},)")
+                raise RuntimeError(f"threshold cache entry {key} holds key {cached.get('key')!r} and shape "
+                                   f"{tuple(cached['thresholds'].shape)}; expected ({ctx.num_old},)")
             thresholds = cached["thresholds"]
-            log.info("step %d: pseudo-label thresholds loaded from %s", ctx.step, path)
+            log.info("step %d: pseudo-label thresholds taken from the cache (key %s)", ctx.step, key)
         else:
             if key is None:
                 log.warning("step %d: the step has no old-checkpoint/data digest, so the pseudo-label thresholds "
                             "are computed but not cached", ctx.step)
             thresholds, histogram = self._compute(ctx)
-            if path is not None and is_main():
-                save_checkpoint({"key": key, "fields": fields, "thresholds": thresholds.cpu(),
-                                 "histogram": histogram}, path)
-                log.info("step %d: pseudo-label thresholds cached to %s", ctx.step, path)
+            if key is not None and ctx.cache is not None:
+                written = ctx.cache.put(CACHE_KIND, key, {"key": key, "fields": fields, "thresholds": thresholds.cpu(),
+                                                          "histogram": histogram})
+                if written is not None:
+                    log.info("step %d: pseudo-label thresholds cached to %s", ctx.step, written)
         self.thresholds, self.key = thresholds.float().to(ctx.device), key
         ctx.log_scalar("thresholds/mean", float(self.thresholds.mean()))
         return self.thresholds
 
     def _compute(self, ctx: StepContext) -> Tuple[Tensor, Tensor]:
         label_table = raw_label_table() if self.settings.pixels == "true_background" else None
-        seed = (int(ctx.cfg.train.seed) * 1_000_003 + ctx.step * 7_919) % (2**31 - 1) + get_rank()
         self.data_passes += 1
-        with _isolated_rng(seed, ctx.device):
+        with ctx.isolated_rng():
             batches = ctx.train_loader(label_table=label_table) if label_table is not None else ctx.train_loader()
             return accumulate_thresholds(ctx.old_model, batches, ctx.num_outputs, self.settings, ctx.autocast,
-                                         ctx.device)
+                                         ctx.device, ctx.all_reduce_sum_)
 
     # -- per iteration -------------------------------------------------------------------------
     def pseudo_labels(self, labels: Tensor, old_logits: Tensor, num_outputs: int,
@@ -272,15 +246,6 @@ class EntropyThresholds:
         self.key = state.get("key")
 
 
-def _on_every_rank(flag: bool, device: torch.device) -> bool:
-    """True only if ``flag`` holds on every rank (all ranks then take the same cache branch)."""
-    if not is_distributed():
-        return flag
-    value = torch.tensor([1 if flag else 0], dtype=torch.int64, device=device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
-    return bool(value.item())
-
-
 class PseudoLabelMethod(Method):
     """Shared frame of PLOP and SATS: plain CE at step 0; at steps > 0 the CE on entropy
     pseudo-labels ``ỹ`` (times PLOP's adaptive factor ν when ``params.adaptive_factor``) plus the
@@ -304,7 +269,7 @@ class PseudoLabelMethod(Method):
     def loss(self, batch: Batch, out: Any, old_out: Optional[Any], ctx: StepContext) -> Dict[str, Tensor]:
         p = self.params
         if ctx.step == 0:
-            return {"ce": cross_entropy(out.logits, batch.labels, reduction=p.reduction)}
+            return self.ce_terms(batch, out)
         old_logits = require_old_logits(old_out, self.name)
         labels, adaptive = self.pseudo.pseudo_labels(batch.labels, old_logits, ctx.num_outputs,
                                                      keep_old_labels=not ctx.cfg.memory.reference_labels)

@@ -5,18 +5,27 @@ what it needs from the model (``needs`` / ``old_needs``), whether it uses a froz
 copy of the previous step's model, how new heads are initialised, and which
 step-0 recipe it uses (so a plain-CE step 0 can be shared across methods). The
 engine never looks at a method's name.
+
+Also here: the helpers every method file may use (:class:`CEParams`, :func:`check_weight`,
+:func:`require_old_logits`, :meth:`Method.ce_terms`), so that no method imports a sibling method
+module; shared frames of several methods live in the ``_``-prefixed modules of this package.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, Iterable, Iterator, List, Optional, Type
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, Dict, Iterable, Iterator, List, Optional
+from typing import Protocol, Type
 
 import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor
+
+from sats.data.batch import Batch
+from sats.losses.ce import cross_entropy
+from sats.rng import isolated_rng, pass_seed
 
 if TYPE_CHECKING:  # pragma: no cover
     from sats.config import ExperimentConfig
@@ -24,23 +33,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from sats.models.segmenter import ModelOutput, Segmenter
 
 
-@dataclass
-class Batch:
-    """One training batch. ``labels`` are channel indices after the step's lookup table, 255 = ignore.
+class ArtifactStore(Protocol):
+    """What ``ctx.cache`` offers (the engine's :class:`sats.engine.cache.ArtifactCache`)."""
 
-    With the exemplar memory (``memory.enabled``, steps > 0) the batch is the current-step images
-    followed by the memory images; memory labels keep every seen class (``memory_lut``).
-    """
+    def get(self, kind: str, key: str) -> Optional[Dict[str, Any]]: ...
 
-    images: Tensor  # (B, 3, H, W) float
-    labels: Tensor  # (B, H, W) int64
-    saliency: Optional[Tensor] = None  # (B, H, W) float32 in [0, 1], when the method needs saliency maps
-    is_memory: Optional[Tensor] = None  # (B,) bool: True for exemplar-memory images (None: no memory)
-
-    def to(self, device: torch.device) -> "Batch":
-        """The same batch with every tensor on ``device`` (non-blocking copies)."""
-        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device, non_blocking=True)
-                                            for f in dataclasses.fields(self) if getattr(self, f.name) is not None})
+    def put(self, kind: str, key: str, artifact: Dict[str, Any]) -> Any: ...
 
 
 @dataclass
@@ -54,8 +52,7 @@ class StepContext:
     old_model: Optional["Segmenter"]  # frozen step t-1 model, when the method uses one
     device: torch.device
     run_dir: Any  # pathlib.Path
-    cache_dir: Any  # pathlib.Path
-    old_checkpoint_digest: Optional[str]  # content hash of the step t-1 checkpoint (cache keys)
+    old_checkpoint_digest: Optional[str]  # content hash of the step t-1 weights and method state (cache keys)
     #: ``train_loader(label_table=None)``: a fresh pass over this step's training data (current-step images
     #: only, never the exemplar memory; full ``data.batch_size``); a (256,) uint8 ``label_table`` (raw mask
     #: value → label) replaces the step's training table for that pass
@@ -68,6 +65,20 @@ class StepContext:
     data_digest: Optional[str] = None  # hash of this step's image lists and classes (cache keys)
     #: gradients pass through an fp16 GradScaler: after_backward may see inf/NaN (that step is then skipped)
     grad_scaled: bool = False
+    #: keyed artifacts that outlive the run (``get(kind, key)`` / ``put(kind, key, dict)``; rank 0 writes, every
+    #: rank takes the same branch); None: nothing is cached. Keys must hold the content they depend on.
+    cache: Optional["ArtifactStore"] = None
+    rank: int = 0  # this process under torchrun (0 alone)
+    world_size: int = 1
+    #: ``all_agree(flag)``: True only if ``flag`` holds on every rank (so all take the same branch)
+    all_agree: Callable[[bool], bool] = bool
+    #: ``all_reduce_sum_(tensor)``: sum over ranks in place (statistics of a method's own pass)
+    all_reduce_sum_: Callable[[Tensor], Tensor] = lambda tensor: tensor
+
+    def isolated_rng(self, name: str = "") -> ContextManager[None]:
+        """A block with its own random streams, seeded by (``train.seed``, step, rank, ``name``); the training
+        streams are restored after it (a method's extra pass over the data never shifts them)."""
+        return isolated_rng(pass_seed(self.cfg.train.seed, self.step, self.rank, name), self.device)
 
     @property
     def num_old(self) -> int:
@@ -85,10 +96,37 @@ class NoParams:
     """A method without hyper-parameters."""
 
 
+@dataclass
+class CEParams:
+    """Parameters of every method with a cross-entropy (or BCE) term: its pixel ``reduction``."""
+
+    reduction: str = "all_pixels"  # all_pixels (reference: / all pixels, ignored included) | valid_pixels
+
+    def __post_init__(self) -> None:
+        if self.reduction not in ("all_pixels", "valid_pixels"):
+            raise ValueError(f"reduction: {self.reduction!r} is not 'all_pixels' or 'valid_pixels'")
+
+
+def check_weight(name: str, value: float) -> None:
+    """Raise if a loss weight is negative or NaN (names the Params key)."""
+    if not value >= 0:
+        raise ValueError(f"{name}: must be >= 0, got {value!r}")
+
+
+def require_old_logits(old_out: Optional[object], method: str) -> Tensor:
+    """The old model's logits ``(B, K_{t−1}, H, W)``; a clear error if the engine passed none."""
+    if old_out is None:
+        raise RuntimeError(f"method {method!r}: no old-model output at a step > 0 (uses_old_model is set)")
+    return old_out.logits  # type: ignore[attr-defined]
+
+
 class Method:
     """Base class of every continual-learning method. Override what the method changes."""
 
     name: ClassVar[str] = ""
+    #: display name in tables, reports and generated configs ("LwF-MC"); never inherited: a registered class
+    #: that sets none shows its ``name``
+    label: ClassVar[str] = ""
     Params: ClassVar[type] = NoParams
     #: outputs of the new model the loss reads at steps > 0 (subset of sats.models NEEDS; logits are always there)
     needs: ClassVar[frozenset] = frozenset()
@@ -136,6 +174,12 @@ class Method:
         sizes = list(task.head_sizes(step))
         sizes[0] += self.extra_channels
         return sizes
+
+    def ce_terms(self, batch: Batch, out: "ModelOutput") -> Dict[str, Tensor]:
+        """``{"ce": CE(z, y)}`` with ``params.reduction``: the whole loss of the ``step0 = "ce"`` recipe (the
+        step 0 that :meth:`step0_key` lets methods share) and the CE term that most methods keep later."""
+        reduction = getattr(self.params, "reduction", "all_pixels")
+        return {"ce": cross_entropy(out.logits, batch.labels, reduction=reduction)}
 
     # -- hooks -----------------------------------------------------------------------------------
     def begin_step(self, ctx: StepContext) -> None:
@@ -188,6 +232,8 @@ def register_method(cls: Type[Method]) -> Type[Method]:
         raise ValueError(f"{cls.__name__} has no name")
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
         raise ValueError(f"method name {cls.name!r} registered twice")
+    if "label" not in vars(cls) or not cls.label:  # a subclass never shows its parent's label
+        cls.label = cls.name
     _REGISTRY[cls.name] = cls
     return cls
 

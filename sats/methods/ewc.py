@@ -19,6 +19,7 @@ class EWC(ImportanceMethod):
     """``L = CE + λ · Σ F̂ (θ − θ_old)²`` (terms ``ce``, ``ewc``); own step 0, default head init."""
 
     name = "ewc"
+    label = "EWC"
     Params = EMAParams
     tracker_kind = "ewc"
 

@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict, Optional
 
 from torch import Tensor
 
-from sats.losses.ce import cross_entropy
-from sats.methods.base import Batch, Method, StepContext, register_method
-
-
-@dataclass
-class CEParams:
-    reduction: str = "all_pixels"  # all_pixels (reference: / all pixels, ignored included) | valid_pixels
-
-    def __post_init__(self) -> None:
-        if self.reduction not in ("all_pixels", "valid_pixels"):
-            raise ValueError(f"reduction: {self.reduction!r} is not 'all_pixels' or 'valid_pixels'")
+from sats.methods.base import Batch, CEParams, Method, StepContext, register_method
 
 
 @register_method
@@ -25,10 +14,11 @@ class FineTuning(Method):
     """``L = CE(z, y)``; no old model, default head init."""
 
     name = "ft"
+    label = "FT"
     Params = CEParams
 
     def loss(self, batch: Batch, out, old_out: Optional[object], ctx: StepContext) -> Dict[str, Tensor]:
-        return {"ce": cross_entropy(out.logits, batch.labels, reduction=self.params.reduction)}
+        return self.ce_terms(batch, out)
 
 
 @register_method
@@ -39,4 +29,5 @@ class JointTraining(FineTuning):
     """
 
     name = "joint"
+    label = "Joint training"
     joint = True

@@ -19,11 +19,8 @@ from typing import Dict, Optional
 
 from torch import Tensor
 
-from sats.losses.ce import cross_entropy
 from sats.losses.kd import feature_mse, kd_old_channels
-from sats.methods.base import Batch, Method, StepContext, register_method
-from sats.methods.ft import CEParams
-from sats.methods.lwf import check_weight, require_old_logits
+from sats.methods.base import Batch, CEParams, Method, StepContext, check_weight, register_method, require_old_logits
 
 
 @dataclass
@@ -42,6 +39,7 @@ class ILT(Method):
     """``L = CE + λ_kd · KD_old + λ_de · MSE(body)`` (terms ``ce``, ``kd``, ``feature_mse``)."""
 
     name = "ilt"
+    label = "ILT"
     Params = ILTParams
     uses_old_model = True
     needs = frozenset({"body"})
@@ -49,7 +47,7 @@ class ILT(Method):
 
     def loss(self, batch: Batch, out, old_out: Optional[object], ctx: StepContext) -> Dict[str, Tensor]:
         p = self.params
-        terms = {"ce": cross_entropy(out.logits, batch.labels, reduction=p.reduction)}
+        terms = self.ce_terms(batch, out)
         if ctx.step > 0:
             old_logits = require_old_logits(old_out, self.name)
             terms["kd"] = p.lambda_kd * kd_old_channels(out.logits, old_logits, reduction=p.reduction)

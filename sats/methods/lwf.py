@@ -11,23 +11,8 @@ from typing import Dict, Optional
 
 from torch import Tensor
 
-from sats.losses.ce import cross_entropy
 from sats.losses.kd import kd_old_channels
-from sats.methods.base import Batch, Method, StepContext, register_method
-from sats.methods.ft import CEParams
-
-
-def check_weight(name: str, value: float) -> None:
-    """Raise if a loss weight is negative or NaN (names the Params key)."""
-    if not value >= 0:
-        raise ValueError(f"{name}: must be >= 0, got {value!r}")
-
-
-def require_old_logits(old_out: Optional[object], method: str) -> Tensor:
-    """The old model's logits ``(B, K_{t−1}, H, W)``; a clear error if the engine passed none."""
-    if old_out is None:
-        raise RuntimeError(f"method {method!r}: no old-model output at a step > 0 (uses_old_model is set)")
-    return old_out.logits  # type: ignore[attr-defined]
+from sats.methods.base import Batch, CEParams, Method, StepContext, check_weight, register_method, require_old_logits
 
 
 @dataclass
@@ -47,12 +32,13 @@ class LwF(Method):
     """``L = CE + λ_kd · KD_old`` (terms ``ce``, ``kd``); old model at steps > 0, default head init."""
 
     name = "lwf"
+    label = "LwF"
     Params = LwFParams
     uses_old_model = True
 
     def loss(self, batch: Batch, out, old_out: Optional[object], ctx: StepContext) -> Dict[str, Tensor]:
         p = self.params
-        terms = {"ce": cross_entropy(out.logits, batch.labels, reduction=p.reduction)}
+        terms = self.ce_terms(batch, out)
         if ctx.step > 0:
             old_logits = require_old_logits(old_out, self.name)
             terms["kd"] = p.lambda_kd * kd_old_channels(out.logits, old_logits, temperature=p.temperature,

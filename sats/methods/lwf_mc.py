@@ -14,9 +14,7 @@ from torch import Tensor
 
 from sats.losses.ce import multilabel_bce
 from sats.losses.kd import bce_kd
-from sats.methods.base import Batch, Method, StepContext, register_method
-from sats.methods.ft import CEParams
-from sats.methods.lwf import check_weight, require_old_logits
+from sats.methods.base import Batch, CEParams, Method, StepContext, check_weight, register_method, require_old_logits
 
 
 @dataclass
@@ -33,6 +31,7 @@ class LwFMC(Method):
     """``L = BCE + λ_kd · BCE-KD`` (terms ``bce``, ``bce_kd``); its own BCE step 0, default head init."""
 
     name = "lwf_mc"
+    label = "LwF-MC"
     Params = LwFMCParams
     uses_old_model = True
     step0 = "bce"

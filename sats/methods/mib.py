@@ -15,11 +15,9 @@ from typing import Dict, Optional
 
 from torch import Tensor
 
-from sats.losses.ce import cross_entropy, unbiased_cross_entropy
+from sats.losses.ce import unbiased_cross_entropy
 from sats.losses.kd import unbiased_kd
-from sats.methods.base import Batch, Method, StepContext, register_method
-from sats.methods.ft import CEParams
-from sats.methods.lwf import check_weight, require_old_logits
+from sats.methods.base import Batch, CEParams, Method, StepContext, check_weight, register_method, require_old_logits
 
 
 @dataclass
@@ -36,6 +34,7 @@ class MiB(Method):
     """``L = UNCE + λ_kd · UNKD`` (terms ``unce``, ``unkd``); plain CE (``ce``) at step 0."""
 
     name = "mib"
+    label = "MiB"
     Params = MiBParams
     uses_old_model = True
     head_init = "background"
@@ -43,7 +42,7 @@ class MiB(Method):
     def loss(self, batch: Batch, out, old_out: Optional[object], ctx: StepContext) -> Dict[str, Tensor]:
         p = self.params
         if ctx.step == 0:
-            return {"ce": cross_entropy(out.logits, batch.labels, reduction=p.reduction)}
+            return self.ce_terms(batch, out)
         old_logits = require_old_logits(old_out, self.name)
         return {
             "unce": unbiased_cross_entropy(out.logits, batch.labels, ctx.num_old, reduction=p.reduction),

@@ -18,5 +18,6 @@ class PathIntegral(ImportanceMethod):
     """``L = CE + λ · Σ ω̂ (θ − θ_old)²`` (terms ``ce``, ``pi``); own step 0, default head init."""
 
     name = "pi"
+    label = "PI"
     Params = ImportanceParams
     tracker_kind = "pi"

@@ -33,8 +33,7 @@ from torch import Tensor
 
 from sats.losses.pod import local_pod_loss
 from sats.methods._pseudo import PseudoLabelMethod, ThresholdParams
-from sats.methods.base import StepContext, register_method
-from sats.methods.lwf import check_weight
+from sats.methods.base import StepContext, check_weight, register_method
 
 
 @dataclass
@@ -59,6 +58,7 @@ class PLOP(PseudoLabelMethod):
     """``L = CE(z, ỹ)[·ν] + POD`` (terms ``ce``, ``pod``); plain CE at step 0; background head init."""
 
     name = "plop"
+    label = "PLOP"
     Params = PLOPParams
     needs = frozenset({"stages", "decoder", "logits_small"})
     old_needs = frozenset({"stages", "decoder", "logits_small"})

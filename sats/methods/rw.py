@@ -31,6 +31,7 @@ class RiemannianWalk(ImportanceMethod):
     """``L = CE + λ · Σ (F̂ + ŝ)(θ − θ_old)²`` (terms ``ce``, ``rw``); own step 0, default head init."""
 
     name = "rw"
+    label = "RW"
     Params = RWParams
     tracker_kind = "rw"
 

@@ -43,8 +43,7 @@ from torch import Tensor
 from sats.losses.attention import plop_attention_loss, sats_attention_loss, sats_feature_loss
 from sats.losses.kd import unbiased_kd
 from sats.methods._pseudo import PseudoLabelMethod, ThresholdParams
-from sats.methods.base import StepContext, register_method
-from sats.methods.lwf import check_weight
+from sats.methods.base import StepContext, check_weight, register_method
 
 POOLINGS = ("class", "global", "none", "plop")
 SOURCES = ("attention", "features")
@@ -78,6 +77,7 @@ class SATS(PseudoLabelMethod):
     """``L = CE(z, ỹ) + λ_kd·UNKD + λ_sat·L_SATS`` (terms ``ce``, ``unkd``, ``sat``); plain CE at step 0."""
 
     name = "sats"
+    label = "SATS"
     Params = SATSParams
     state_key = "thresholds"
 

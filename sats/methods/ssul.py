@@ -54,9 +54,7 @@ import torch
 from torch import Tensor
 
 from sats.losses.ce import IGNORE_INDEX, multilabel_bce
-from sats.methods.base import Batch, Method, StepContext, register_method
-from sats.methods.ft import CEParams
-from sats.methods.lwf import require_old_logits
+from sats.methods.base import Batch, CEParams, Method, StepContext, register_method, require_old_logits
 
 UNKNOWN = 1  # model channel of the unknown class
 FIRST_CLASS = 2  # model channel of the first foreground class
@@ -124,6 +122,7 @@ class SSUL(Method):
     """BCE on ``[bg, unknown, classes…]`` with old-model and saliency labels (term ``bce``); frozen after step 0."""
 
     name = "ssul"
+    label = "SSUL"
     Params = SSULParams
     uses_old_model = True
     head_init = "unknown"

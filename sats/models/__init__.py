@@ -14,7 +14,6 @@ from sats.models.segmenter import (
     build_segmenter,
     check_need,
     frozen_copy,
-    grow_from,
 )
 from sats.models.weights import (
     LoadReport,
@@ -53,7 +52,6 @@ __all__ = [
     "detect_format",
     "download_hf_weights",
     "frozen_copy",
-    "grow_from",
     "load_encoder_state",
     "load_encoder_weights",
     "read_checkpoint",

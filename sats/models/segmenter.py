@@ -2,9 +2,8 @@
 
 import copy
 import logging
-import re
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch.nn.functional as F
@@ -150,51 +149,3 @@ def frozen_copy(model: Segmenter) -> Segmenter:
     return frozen
 
 
-_HEAD_KEY = re.compile(r"^classifier\.heads\.(\d+)\.weight$")
-
-
-def grow_from(
-    prev_state_dict: Mapping[str, Tensor],
-    cfg: ModelConfig | Mapping[str, Any],
-    head_sizes: list[int],
-    init: str = "default",
-) -> Segmenter:
-    """Step-``t`` model from the step-``t-1`` state dict in one call.
-
-    Builds the model with the previous heads (``head_sizes[:n_prev]``, which must
-    match the state dict), loads every previous weight strictly (a leading
-    ``module.`` from DDP is stripped; any missing or unexpected key raises),
-    then appends the remaining heads with ``init``. No ImageNet weights are
-    loaded (``cfg.pretrained`` is ignored: the state dict replaces them).
-    """
-    cfg = replace(as_model_config(cfg), pretrained=None)
-    state = dict(prev_state_dict)
-    if state and all(key.startswith("module.") for key in state):
-        state = {key[len("module."):]: value for key, value in state.items()}
-    prev_sizes: dict[int, int] = {}
-    for key, value in state.items():
-        match = _HEAD_KEY.match(key)
-        if match:
-            prev_sizes[int(match.group(1))] = int(value.shape[0])
-    if not prev_sizes:
-        raise ValueError("previous state dict has no 'classifier.heads.<i>.weight' keys: not a Segmenter state dict")
-    num_prev = len(prev_sizes)
-    if sorted(prev_sizes) != list(range(num_prev)):
-        raise ValueError(f"previous state dict has non-contiguous classifier heads {sorted(prev_sizes)}")
-    prev_list = [prev_sizes[i] for i in range(num_prev)]
-    if len(head_sizes) <= num_prev or list(head_sizes[:num_prev]) != prev_list:
-        raise ValueError(
-            f"head_sizes {list(head_sizes)} must extend the previous heads {prev_list} by at least one head"
-        )
-    model = build_segmenter(cfg, prev_list)
-    model.load_state_dict(state, strict=True)
-    for size in head_sizes[num_prev:]:
-        model.add_step(size, init)
-    log.info(
-        "grew model from heads %s: loaded %d tensors, added heads %s with %r init",
-        prev_list,
-        len(state),
-        list(head_sizes[num_prev:]),
-        init,
-    )
-    return model

@@ -6,6 +6,5 @@
 * :mod:`sats.report.summary`: ``sats report`` (every table and figure into one folder).
 * :mod:`sats.report.visualize`: ``sats visualize``: image / ground truth / prediction after each step.
 * :mod:`sats.report.tsne`: ``sats visualize --tsne``: decoder features per class (openTSNE, optional).
-* :mod:`sats.report.overlay`: palette colouring and overlay grids (tensorboard).
 * :mod:`sats.report.paper_results`: the paper's published VOC numbers, as data.
 """

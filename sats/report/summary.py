@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from sats.engine.checkpoint import write_text_atomic
+from sats.io import write_text_atomic
 from sats.report.plots import plot_class_heatmap, plot_step_curves
 from sats.report.runs import RunResult, load_runs, safe_filename
 from sats.report.tables import paper_csv, paper_markdown, paper_matches, summary_csv, summary_markdown

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sats.engine.rundir import RunDir
 from sats.report.runs import class_span
 
 INSTALL_HINT = "pip install 'sats[tsne]'  (or: pip install openTSNE)"
@@ -146,7 +147,7 @@ def write_tsne(run_dir: str | Path, out: Optional[str | Path] = None, step: Opti
     ctx = open_run(run_dir, device)
     finished = ctx.finished_steps()
     if not finished:
-        raise FileNotFoundError(f"{ctx.run_dir / 'checkpoints'}: no step checkpoint yet")
+        raise FileNotFoundError(f"{RunDir(ctx.run_dir).ckpt_dir}: no step checkpoint yet")
     step = finished[-1] if step is None else step
     model = ctx.model(step)
     loader = ctx.data.eval_loader(step, ctx.method.joint, "test", ctx.dist)

@@ -14,15 +14,17 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from sats.config import ExperimentConfig, load_config
+from sats.config import ExperimentConfig
+
+from sats.experiment import load_experiment
 from sats.data.tasks import Task
 from sats.engine import results as results_io
 from sats.engine.data import ExperimentData
 from sats.engine.distributed import DistInfo
 from sats.methods.base import Method, build_method
-from sats.engine.rundir import load_step_model
+from sats.engine.rundir import RunDir, load_step_model
 from sats.models.segmenter import Segmenter
-from sats.report.overlay import colorize, denormalize
+from sats.data.overlay import colorize, denormalize
 from sats.report.runs import class_span
 
 
@@ -43,7 +45,7 @@ class RunContext:
         return DistInfo(rank=0, world_size=1, local_rank=0, device=self.device, is_main=True, backend=None)
 
     def checkpoint(self, step: int) -> Path:
-        return self.run_dir / "checkpoints" / f"step{step}.ckpt"
+        return RunDir(self.run_dir).step_checkpoint(step)
 
     def finished_steps(self) -> List[int]:
         return [t for t in range(self.num_steps) if self.checkpoint(t).is_file()]
@@ -70,10 +72,10 @@ class RunContext:
 def open_run(run_dir: str | Path, device: Optional[str] = None) -> RunContext:
     """Rebuild a run's data and method from ``run_dir/config.yaml`` (no file re-check, cached splits)."""
     run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.yaml"
+    cfg_path = RunDir(run_dir).config_path
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path}: not a run directory (no config.yaml)")
-    cfg = load_config(cfg_path, [f"run_dir={run_dir}", "data.check=false"])
+    cfg = load_experiment(cfg_path, [f"run_dir={run_dir}", "data.check=false"])
     if device is None:
         device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
@@ -118,7 +120,7 @@ def predict_grid(ctx: RunContext, num_images: int = 4, steps: Optional[Sequence[
     """Predictions of each step's checkpoint on the same test images of the last step."""
     finished = ctx.finished_steps()
     if not finished:
-        raise FileNotFoundError(f"{ctx.run_dir / 'checkpoints'}: no step checkpoint yet")
+        raise FileNotFoundError(f"{RunDir(ctx.run_dir).ckpt_dir}: no step checkpoint yet")
     if steps is None:  # every finished step: one recorded in results.json must have its checkpoint
         steps = sorted(set(finished) | set(ctx.recorded_steps()))
     steps = list(steps)

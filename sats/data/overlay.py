@@ -1,4 +1,4 @@
-"""Image / ground truth / prediction grids in the dataset palette."""
+"""Image / ground truth / prediction grids in the dataset palette (tensorboard overlays, figures)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+from sats.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 def denormalize(images: torch.Tensor) -> np.ndarray:
     """(B, 3, H, W) normalised float → (B, H, W, 3) uint8."""
-    x = images.detach().float().cpu().permute(0, 2, 3, 1).numpy() * IMAGENET_STD + IMAGENET_MEAN
+    x = images.detach().float().cpu().permute(0, 2, 3, 1).numpy() * np.asarray(IMAGENET_STD, np.float32) \
+        + np.asarray(IMAGENET_MEAN, np.float32)
     return (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
 
 
