@@ -10,6 +10,7 @@ Commands:
 * ``models``: segmenter forward / forward+backward cost — :mod:`benchmarks.models`;
 * ``attention``: the SATS attention loss, vectorised vs a per-class loop — :mod:`benchmarks.attention_loss`;
 * ``sdpa``: MiT's attention core, fused SDPA vs the explicit softmax path — :mod:`benchmarks.sdpa`;
+* ``dataloader``: the training data pipeline's images/s per worker on VOC-sized files — :mod:`benchmarks.dataloader`;
 * ``all``: cost, scaling, confusion and accuracy with their defaults (long on a CPU).
 
 ``python -m benchmarks COMMAND --help`` lists a command's options. Results go to ``benchmarks/results/``.
@@ -24,7 +25,7 @@ from typing import Any, Optional
 
 
 MODULES = {"cost": "methods", "scaling": "scaling", "accuracy": "accuracy", "confusion": "confusion",
-           "models": "models", "attention": "attention_loss", "sdpa": "sdpa"}
+           "models": "models", "attention": "attention_loss", "sdpa": "sdpa", "dataloader": "dataloader"}
 
 
 def _command(name: str) -> Callable[[Optional[Sequence[str]]], Any]:

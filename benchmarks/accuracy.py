@@ -43,7 +43,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from sats.config import ExperimentConfig  # noqa: E402
-
 from sats.experiment import load_experiment  # noqa: E402
 from sats.data.tasks import get_task  # noqa: E402
 from sats.io import write_json_atomic, write_text_atomic  # noqa: E402

@@ -15,12 +15,16 @@ What one measurement does (a fresh subprocess per configuration unless ``--no-is
 1. **History.** The method runs through the steps before the measured one exactly as the runner
    sequences them (build step-0 model; at each step ``s``: frozen old model if
    ``method.old_model_at(s)``, ``add_step(init=method.head_init)``, ``begin_step``, one training
-   iteration, ``end_step``), on a small batch (≤ 64 px). So method state is real: EWC/RW/PI hold a
-   finished importance, SSUL's head is the unknown-initialised one, and so on.
-2. **Method, memory.** ``trainable_parameters`` → optimiser, ``begin_step`` (PLOP / SATS compute
-   their entropy thresholds there: ``ctx.train_loader`` yields the measured batch once, so the
-   thresholds are the per-class medians on that batch and about half of the background pixels are
-   accepted), ``--warmup`` iterations, then the memory peak of up to 2 iterations. An iteration is
+   iteration, ``end_step``), on a small batch (≤ 64 px); the passes of ``begin_step`` / ``end_step``
+   (``ctx.train_loader``) see one batch of the step at the measured size. So method state is real:
+   EWC/RW/PI hold a finished importance, SSUL's head is the unknown-initialised one, STAR holds the
+   class statistics of the earlier steps' batches, and so on.
+2. **Method, memory.** ``method.param_groups`` → optimiser (``frozen_at``: BN frozen, dropout off),
+   ``begin_step`` (PLOP / SATS compute their entropy thresholds there: ``ctx.train_loader`` yields the
+   measured batch once, so the thresholds are the per-class medians on that batch and about half of the
+   background pixels are accepted; for that call an epoch is one iteration, so STAR replays per iteration
+   the old-class positions of one earlier batch minus those the old model finds in the measured one),
+   ``--warmup`` iterations, then the memory peak of up to 2 iterations. An iteration is
    the engine's own :func:`sats.engine.loop.train_iteration`: ``model(x, need)`` and, under ``no_grad``,
    ``old_model(x, old_needs)`` → ``method.loss`` → sum → ``zero_grad`` → backward → unscale →
    loss/gradient finiteness check (one host sync, as the runner) → ``after_backward`` → optimiser
@@ -78,7 +82,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from sats.config import ExperimentConfig, TrainConfig  # noqa: E402
-
 from sats.experiment import load_experiment  # noqa: E402
 from sats.data.tasks import Task, get_task  # noqa: E402
 from sats.engine.cache import ArtifactCache  # noqa: E402
@@ -87,11 +90,12 @@ from sats.engine.evaluator import ConfusionMatrix  # noqa: E402
 from sats.engine.loop import Optimisation  # noqa: E402
 from sats.engine.loop import train_iteration as engine_iteration  # noqa: E402
 from sats.engine.optim import (amp_dtype, autocast_factory, build_grad_scaler, build_optimizer,  # noqa: E402
-                               build_scheduler, configure_cuda_math)
+                               build_scheduler, configure_cuda_math, optimizer_groups)
 from sats.io import write_json_atomic, write_text_atomic  # noqa: E402
 from sats.methods import Batch, Method, StepContext, build_method, get_method_class, list_methods  # noqa: E402
 from sats.methods.ft import FineTuning  # noqa: E402
 from sats.models import ModelConfig, Segmenter, build_segmenter, frozen_copy  # noqa: E402
+from sats.models.segmenter import train_mode  # noqa: E402
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 METHOD_CONFIGS = ROOT / "configs" / "_base_" / "methods"
@@ -315,9 +319,10 @@ class _Bench:
         self.model, self.old_model = self._history()
 
     # -- setup --------------------------------------------------------------------------------
-    def context(self, step: int, model: Segmenter, old_model: Optional[Segmenter], batch: Batch) -> StepContext:
+    def context(self, step: int, model: Segmenter, old_model: Optional[Segmenter], batch: Batch,
+                passes: Optional[Batch] = None) -> StepContext:
         def loader(label_table: Any = None) -> Iterable[Batch]:
-            return iter([batch])  # the label table is ignored: the batch is already in channels
+            return iter([passes or batch])  # the label table is ignored: the batch is already in channels
 
         # fixed digests: caches keyed on them (PLOP/SATS thresholds) land in this process's temporary folder
         return StepContext(step=step, task=self.task, cfg=self.cfg, model=model, old_model=old_model,
@@ -328,8 +333,11 @@ class _Bench:
                            grad_scaled=self.amp == torch.float16, log_scalar=lambda name, value: None,
                            data_digest=f"benchmark-{batch.images.shape[-1]}px")
 
-    def optimizer(self, params: list, total: int) -> Optimisation:
-        optimizer = build_optimizer(params, self.train_cfg, self.train_cfg.lr_at(1))
+    def optimizer(self, params: list, total: int, frozen_norm: bool = False) -> Optimisation:
+        """SGD at ``train.lr_incremental``; at 0 when the step freezes BatchNorm (DKD, STAR): random weights behind
+        eval-mode BN diverge in a few iterations, and a zero lr runs the same arithmetic."""
+        lr = 0.0 if frozen_norm else self.train_cfg.lr_at(1)
+        optimizer = build_optimizer(params, self.train_cfg, lr)
         return Optimisation(optimizer, build_scheduler(optimizer, self.train_cfg, total),
                             build_grad_scaler(self.device, self.amp))
 
@@ -342,15 +350,17 @@ class _Bench:
         for s in range(t + 1):
             if s > 0:
                 old_model = frozen_copy(model).to(self.device) if method.old_model_at(s) else None
-                model.add_step(len(task.new_classes(s)), init=method.head_init)
+                model.add_step(len(task.new_classes(s)), init=method.head_init, source=method.head_init_source)
                 model.to(self.device)
             if s == t:
                 break
             batch = synthetic_batch(task, s, self.spec.batch, small, self.device, method.needs_saliency_at(s), seed=s + 1)
-            ctx = self.context(s, model, old_model, batch)
+            passes = synthetic_batch(task, s, self.spec.batch, self.spec.size, self.device,
+                                     method.needs_saliency_at(s), seed=s + 1)
+            ctx = self.context(s, model, old_model, batch, passes)
             ctx.total_iterations = 1
-            model.train()
-            opt = self.optimizer(method.trainable_parameters(model, s), 1)
+            train_mode(model, method.frozen_at(s))
+            opt = self.optimizer(optimizer_groups(method, model, s), 1, "norm" in method.frozen_at(s))
             method.begin_step(ctx)
             train_iteration(model, old_model, method, batch, ctx, self.autocast, opt)
             method.end_step(ctx)
@@ -363,11 +373,13 @@ class _Bench:
     def method_step(self) -> tuple[Callable[[], None], dict]:
         """Set the method's step up as the runner does (optimiser, ``begin_step``); return its iteration."""
         method, t = self.method, self.step
-        self.model.train()
+        train_mode(self.model, method.frozen_at(t))
         ctx = self.context(t, self.model, self.old_model, self.batch)
         ctx.total_iterations = 10**6
-        opt = self.optimizer(method.trainable_parameters(self.model, t), ctx.total_iterations)
+        opt = self.optimizer(optimizer_groups(method, self.model, t), ctx.total_iterations, "norm" in method.frozen_at(t))
+        ctx.total_iterations = self.train_cfg.epochs_at(t)  # begin_step's pass: one iteration per epoch
         method.begin_step(ctx)
+        ctx.total_iterations = 10**6
         info: dict = {"terms": []}
 
         def step() -> None:

@@ -9,9 +9,11 @@ so a run lands in ``runs/<stem>``. Methods use ``-`` inside their token (``lwf-m
     .venv/bin/python configs/generate.py           # (re)write the files generated here
     .venv/bin/python configs/generate.py --check   # exit 1 if one is missing or differs
 
-The SSUL and memory ("-M") files in the same folders are written by hand, not here.
-Rows: docs/methods.md §5.1 (VOC overlapped 15-1, 15-5, 5-3, 10-1), the extra baselines of §3 on
-15-5 / 15-1, disjoint variants of 15-5 / 15-1, and the ADE20K scripts of §5.2.
+The SSUL and memory ("-M") files in the same folders are written by hand, not here, except DKD-M and
+STAR-M. Rows: docs/methods.md §5.1 (VOC overlapped 15-1, 15-5, 5-3, 10-1), the extra baselines of §3 on
+15-5 / 15-1, disjoint variants of 15-5 / 15-1, the ADE20K scripts of §5.2, and DKD / STAR (and their
+memory variants) on every task of their schedule tables (§3.14, §3.15), with the official DeepLab
+(``r101``: the torchvision flavour of §2.6) and with SegFormer MiT-B2 (the official SegFormer head).
 """
 
 from __future__ import annotations
@@ -42,6 +44,15 @@ NOTES = {
 }
 
 
+#: the sigmoid-head methods of docs/methods.md §3.14-§3.15: their own model, schedule and memory base files
+SIGMOID_METHODS = ("dkd", "star")
+SIGMOID_MODELS = {"r101": "deeplabv3_r101_tv.yaml", "mit-b2": "segformer_mit-b2_bnrelu.yaml"}
+SIGMOID_MEMORY = {("dkd", "voc"): "dkd_voc.yaml", ("dkd", "ade"): "dkd_ade.yaml", ("star", "voc"): "star_voc.yaml"}
+SIGMOID_VOC_TASKS = ("19-1", "15-5", "15-1", "10-1", "5-3")
+SIGMOID_VOC_DISJOINT = ("19-1", "15-5", "15-1")
+SIGMOID_ADE_TASKS = ("100-50", "100-10", "50-50")
+
+
 @dataclass(frozen=True)
 class Row:
     method: str  # sats method name
@@ -49,16 +60,31 @@ class Row:
     dataset: str  # voc | ade
     task: str
     overlap: bool = True
+    memory: bool = False  # the "-M" variant (generated for DKD and STAR only)
 
     @property
     def stem(self) -> str:
         protocol = "" if self.overlap else "_disjoint"
-        return f"{self.method.replace('_', '-')}_{self.backbone}_{self.dataset}-{self.task}{protocol}"
+        token = self.method.replace('_', '-') + ("-m" if self.memory else "")
+        return f"{token}_{self.backbone}_{self.dataset}-{self.task}{protocol}"
+
+    def model_base(self) -> str:
+        if self.method in SIGMOID_METHODS:
+            return SIGMOID_MODELS[self.backbone]
+        return BACKBONES[self.backbone][0]
+
+    def schedule_base(self) -> str:
+        return f"{self.method}_{self.dataset}.yaml" if self.method in SIGMOID_METHODS else f"{self.dataset}.yaml"
+
+    def memory_base(self) -> Optional[str]:
+        return SIGMOID_MEMORY[(self.method, self.dataset)] if self.memory else None
 
     def method_base(self) -> Optional[str]:
         """The ``_base_/methods`` file, or None for methods without hyper-parameters (ft, joint)."""
         if self.method in ("ft", "joint"):
             return None
+        if self.method in SIGMOID_METHODS:
+            return f"{self.method}_ade.yaml" if self.dataset == "ade" else f"{self.method}.yaml"
         if self.method == "sats":
             if self.backbone == "r101":
                 return "sats_deeplab.yaml"
@@ -78,6 +104,11 @@ def voc_rows() -> List[Row]:
         rows += [Row(m, backbone, "voc", t) for m in table[backbone] for t in VOC_TASKS]
         rows += [Row(m, backbone, "voc", t) for m in extra[backbone] for t in ("15-5", "15-1")]
         rows += [Row(m, backbone, "voc", t, overlap=False) for m in disjoint[backbone] for t in ("15-5", "15-1")]
+    for method in SIGMOID_METHODS:
+        for backbone in BACKBONES:
+            for memory in (False, True):
+                rows += [Row(method, backbone, "voc", t, memory=memory) for t in SIGMOID_VOC_TASKS]
+                rows += [Row(method, backbone, "voc", t, overlap=False, memory=memory) for t in SIGMOID_VOC_DISJOINT]
     return rows
 
 
@@ -87,6 +118,9 @@ def ade_rows() -> List[Row]:
     rows += [Row("ilt", "mit-b2", "ade", "100-10")]
     rows += [Row("plop", b, "ade", t) for b in BACKBONES for t in ("100-10", "100-50")]
     rows += [Row(m, "mit-b2", "ade", t) for m in ("joint", "ft") for t in ("100-10", "25-25")]
+    rows += [Row("dkd", b, "ade", t, memory=memory) for b in BACKBONES for memory in (False, True)
+             for t in SIGMOID_ADE_TASKS]
+    rows += [Row("star", b, "ade", t) for b in BACKBONES for t in SIGMOID_ADE_TASKS]  # no STAR-M on ADE
     return rows
 
 
@@ -95,33 +129,40 @@ def all_rows() -> List[Row]:
 
 
 def _published(row: Row) -> str:
-    paper = find_paper_result(row.method, BACKBONES[row.backbone][1], row.task, row.dataset, row.overlap)
+    key = row.method + ("-m" if row.memory else "")
+    paper = find_paper_result(key, BACKBONES[row.backbone][1], row.task, row.dataset, row.overlap)
     if paper is None:
         return ""
     star = ", quoted from its original paper" if paper.quoted else ""
-    return (f"\n# Published (docs/methods.md §5.1, row \"{paper.label}\" {paper.network}{star}): "
-            f"old {paper.old} / new {paper.new} / all {paper.all}.")
+    where = paper.section
+    values = " / ".join(f"{name} {value}" for name, value in (("old", paper.old), ("new", paper.new),
+                                                               ("all", paper.all)) if value is not None)
+    return f"\n# Published ({where}, row \"{paper.label}\" {paper.network}{star}): {values}."
 
 
 def render(row: Row) -> str:
     """The YAML text of one config file."""
-    model_file, _, model_desc = BACKBONES[row.backbone]
+    _, _, model_desc = BACKBONES[row.backbone]
+    if row.method in SIGMOID_METHODS:
+        model_desc += " (torchvision flavour, docs/methods.md §2.6)" if row.backbone == "r101" else " and the official head"
     protocol = "overlapped" if row.overlap else "disjoint"
     steps = get_task(row.dataset, row.task).num_steps
     what = ("every class in one step, reported with the task's old/new groups" if row.method == "joint"
             else f"{steps} steps")
-    lines = [f"# {get_method_class(row.method).label}, {model_desc}, {row.dataset.upper()} {row.task} ({protocol}; {what})."
-             + _published(row),
+    label = get_method_class(row.method).label + ("-M" if row.memory else "")
+    lines = [f"# {label}, {model_desc}, {row.dataset.upper()} {row.task} ({protocol}; {what})." + _published(row),
              "# Generated by configs/generate.py: edit the generator, then run it.",
              "_base_:",
              f"  - ../_base_/datasets/{row.dataset}.yaml",
-             f"  - ../_base_/models/{model_file}",
-             f"  - ../_base_/schedules/{row.dataset}.yaml"]
+             f"  - ../_base_/models/{row.model_base()}",
+             f"  - ../_base_/schedules/{row.schedule_base()}"]
     base = row.method_base()
     if base in NOTES:
         lines.insert(1, f"# {NOTES[base]}")
     if base is not None:
         lines.append(f"  - ../_base_/methods/{base}")
+    if row.memory_base() is not None:
+        lines.append(f"  - ../_base_/memory/{row.memory_base()}")
     lines += [f"name: {row.stem}", "data:", f"  task: \"{row.task}\""]
     if not row.overlap:
         lines.append("  overlap: false")

@@ -4,10 +4,12 @@
     sats train CONFIG [...] --test [--step N] [--ckpt PATH]      (the reference's test mode)
     sats config CONFIG [key=value ...] [reference flags]          (print the resolved config as YAML)
     sats test RUN_DIR [--step N]
-    sats demo [--quick] [--methods joint,ft,...]
+    sats demo [--quick] [--methods joint,ft,...] [--tasks 15-5,15-1] [--from-scratch]
     sats list methods|tasks|backbones [--dataset voc]
     sats data check (CONFIG | --dataset voc --root PATH)
     sats data synthetic --root PATH [--num-train N --num-val N --seed S]
+    sats data prepare voc|ade DIR [--download] [--archives ADIR] [--sbd auto|aug|benchmark] [--url FILE=URL]
+    sats weights list | get NAME [--source S] | convert NAME FILE [-o OUT] | check (NAME [FILE] | CONFIG)
     sats report RUN_DIR [RUN_DIR ...] [-o OUT]
     sats visualize RUN_DIR [--images N] [--step S] [--start K | --ids A,B] [-o OUT.png]
     sats visualize RUN_DIR --tsne [--step S] [--per-class M] [--max-images N] [-o OUT.png]
@@ -17,7 +19,8 @@ Errors are one message on stderr ("sats: error: ...", `-v` adds the traceback), 
 run's train.log when one is open, and an exit code per kind (EXIT_CODES): 1 a check failed (`sats test`
 mismatch, `sats data check` found bad files), 2 usage or config error, 3 data error, 4 run directory
 or checkpoint error, 5 non-finite loss or gradient, 6 operating-system error (missing file,
-permissions, disk full), 128 + N stopped by signal N (the state is saved; run again to resume).
+permissions, disk full), 7 download error (no network, wrong size or hash), 128 + N stopped by
+signal N (the state is saved; run again to resume).
 """
 
 from __future__ import annotations
@@ -194,7 +197,9 @@ def cmd_demo(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from sats.demo import run_demo
 
     methods = args.methods.split(",") if args.methods else None
-    run_demo(output=Path(args.output), methods=methods, quick=args.quick, overrides=list(extra))
+    tasks = args.tasks.split(",") if args.tasks else None
+    run_demo(output=Path(args.output) if args.output else None, methods=methods, quick=args.quick,
+             overrides=list(extra), tasks=tasks, from_scratch=args.from_scratch)
     return 0
 
 
@@ -242,7 +247,38 @@ def _span(classes: Sequence[int]) -> str:
     return ",".join(map(str, classes))
 
 
+def _data_prepare(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    """`sats data prepare voc|ade DIR`: the dataset folder from the official archives (sats.data.prepare)."""
+    from sats.config import ConfigError
+    from sats.data.prepare import ARCHIVES, SPECS, STAMP, prepare
+
+    if extra or args.config not in SPECS or not args.target:
+        raise ConfigError("usage: sats data prepare voc|ade DIR [--download] [--archives ADIR] "
+                          "[--sbd auto|aug|benchmark] [--url FILE=URL] [--mirror BASE]"
+                          f"{'; unrecognised: ' + ' '.join(extra) if extra else ''}")
+    urls = {}
+    for item in args.url or []:
+        name, _, url = item.partition("=")
+        if name not in ARCHIVES or not url:
+            raise ConfigError(f"--url {item!r}: expected FILE=URL with FILE one of {', '.join(ARCHIVES)}")
+        urls[name] = url
+    done_before = (Path(args.target) / STAMP).is_file()
+    stamp = prepare(args.config, args.target, args.archives, download_missing=args.download, sbd=args.sbd,
+                    urls=urls, mirrors=args.mirror or [], workers=args.workers)
+    for name, record in stamp["archives"].items():
+        checked = ", ".join(record["verified"])
+        print(f"{name}: sha256 {record['sha256']} ({checked + ' verified' if checked else 'no published hash'})")
+    counts = ", ".join(f"{split} {count:,}" for split, count in stamp["counts"].items())
+    how = "prepared before; lists and files verified" if done_before else "every mask checked"
+    print(f"{args.target}: {args.config} ready ({counts}; {how})")
+    return 0
+
+
 def cmd_data(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    if args.action == "prepare":
+        return _data_prepare(args, extra)
+    if args.target is not None:  # `sats data check CONFIG key=value ...`: the second positional is an override
+        extra = [args.target, *extra]
     if args.action == "synthetic":
         from sats.data.synthetic import dataset_statistics, ensure_synthetic
 
@@ -278,6 +314,36 @@ def cmd_data(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return 1 if bad else 0
 
 
+def cmd_weights(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from sats.config import ConfigError
+    from sats.models import zoo
+
+    if args.action == "list":
+        print(zoo.describe_weights())
+        return 0
+    if not args.name:
+        raise ConfigError(f"sats weights {args.action} needs NAME ({', '.join(zoo.WEIGHTS)})")
+    if args.action == "check" and args.name.endswith((".yaml", ".yml")):
+        from sats.experiment import load_experiment
+        from sats.reference_flags import parse_overrides
+
+        cfg = load_experiment(args.name, parse_overrides([*([args.file] if args.file else []), *extra]))
+        result = zoo.check_weights(cfg.model.backbone, None, cfg.model.pretrained_format, model=cfg.model)
+    elif extra:
+        raise ConfigError(f"sats weights {args.action}: unrecognised arguments: {' '.join(extra)}")
+    elif args.action == "get":
+        result = zoo.get_weights(args.name, args.source, url=args.url, mirrors=args.mirror or [], root=args.dir,
+                                 force=args.force)
+    elif args.action == "convert":
+        if not args.file:
+            raise ConfigError(f"sats weights convert {args.name} FILE: give the checkpoint to convert")
+        result = zoo.convert_weights(args.name, args.file, args.output, args.format, args.force)
+    else:
+        result = zoo.check_weights(args.name, args.file, args.format)
+    print(result.summary())
+    return 0 if result.clean else 1
+
+
 def _user_error(exc: Exception) -> int:
     """Print a report/visualize error (bad path, missing file or optional dependency) without a traceback."""
     print(f"sats: error: {exc}", file=sys.stderr)
@@ -296,7 +362,8 @@ def _report(args: argparse.Namespace) -> int:
 
     files = write_report(args.run_dirs, Path(args.output))
     print(Path(files.summary_md).read_text())
-    written = [files.summary_md, files.summary_csv, files.curves_png, *files.heatmaps.values()]
+    written = [files.summary_md, files.summary_csv, files.curves_png, *files.heatmaps.values(),
+               *files.statistics.values()]
     if files.paper_csv is not None:
         written.append(files.paper_csv)
     print("written:\n" + "\n".join(f"  {p}" for p in written))
@@ -316,6 +383,16 @@ def cmd_bench(args: argparse.Namespace, extra: Sequence[str]) -> int:
         return 2
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
     return subprocess.run([sys.executable, "-m", "benchmarks", *args.bench_args, *extra], env=env).returncode
+
+
+def cmd_predict(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from sats.report.predict import predict_images
+
+    summary = predict_images(args.run_dir, args.images, args.output, step=args.step, mode=args.mode,
+                             batch_size=args.batch_size, overlay=not args.no_overlay, device=args.device)
+    print(f"step {summary['step']} of {args.run_dir}: {len(summary['images'])} image(s) → {args.output} "
+          "(<stem>.png class-id masks, <stem>_overlay.jpg, <stem>.json class areas, predictions.json)")
+    return 0
 
 
 def cmd_visualize(args: argparse.Namespace, extra: Sequence[str]) -> int:
@@ -406,8 +483,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_test)
 
     d = sub.add_parser("demo", help="the embedded-dataset demo: joint, FT and the continual methods")
-    d.add_argument("--output", default="runs/demo")
+    d.add_argument("--output", default=None, help="runs/demo (default), runs/demo-scratch with --from-scratch, -quick added with --quick")
     d.add_argument("--methods", default=None, help="comma-separated subset of the demo's methods")
+    d.add_argument("--tasks", default=None, help="comma-separated VOC tasks (default 15-5,15-1)")
+    d.add_argument("--from-scratch", action="store_true",
+                   help="random-init encoder instead of the shipped pretrained one (builtin:mit-tiny-synthetic)")
     d.add_argument("--quick", action="store_true", help="a much shorter schedule (smoke test)")
     _add_verbose(d)
     d.set_defaults(func=cmd_demo)
@@ -419,8 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
     ls.set_defaults(func=cmd_list)
 
     da = sub.add_parser("data", help="dataset tools")
-    da.add_argument("action", choices=["check", "synthetic"])
-    da.add_argument("config", nargs="?", default=None)
+    da.add_argument("action", choices=["check", "synthetic", "prepare"])
+    da.add_argument("config", nargs="?", default=None, help="check: CONFIG; prepare: voc | ade")
+    da.add_argument("target", nargs="?", default=None, help="prepare: the dataset folder to write (e.g. data/voc)")
     da.add_argument("--dataset", default=None, help="voc | ade | folder | synthetic (read in VOC layout)")
     da.add_argument("--root", default=None)
     da.add_argument("--workers", type=int, default=2)
@@ -429,14 +510,49 @@ def build_parser() -> argparse.ArgumentParser:
     da.add_argument("--min-size", type=int, default=64)
     da.add_argument("--max-size", type=int, default=112)
     da.add_argument("--seed", type=int, default=0)
+    da.add_argument("--archives", default=None, help="prepare: folder of the archives (default DIR/../archives)")
+    da.add_argument("--download", action="store_true", help="prepare: download missing archives (resumed, hashed)")
+    da.add_argument("--sbd", default="auto", choices=["auto", "aug", "benchmark"],
+                    help="prepare voc: SBD masks from SegmentationClassAug.zip (aug) or benchmark.tgz")
+    da.add_argument("--url", action="append", metavar="FILE=URL", help="prepare: another URL for an archive")
+    da.add_argument("--mirror", action="append", metavar="BASE", help="prepare: try BASE/<archive> first")
     _add_verbose(da)
     da.set_defaults(func=cmd_data)
+
+    w = sub.add_parser("weights", help="pretrained encoders: list, get (download), convert, check",
+                       description="Pretrained encoders (sats.models.zoo): `get` writes the file the configs "
+                                   "expect under pretrained/; every file is loaded into its encoder.")
+    w.add_argument("action", choices=["list", "get", "convert", "check"])
+    w.add_argument("name", nargs="?", default=None, help="mit_b0 … mit_b5 | resnet101 (check: or a CONFIG)")
+    w.add_argument("file", nargs="?", default=None, help="convert: the checkpoint to convert; check: the file "
+                                                          "(default: the one the configs expect)")
+    w.add_argument("--source", default=None, help="get: hf | official (mit_bX), iabn | torchvision (resnet101)")
+    w.add_argument("--url", default=None, help="get: download from this URL instead")
+    w.add_argument("--mirror", action="append", metavar="BASE", help="get: try BASE/<file> first")
+    w.add_argument("--dir", default=None, help="get: write into this folder instead of pretrained/")
+    w.add_argument("-o", "--output", default=None, help="convert: output file (default: pretrained/<name>.pth)")
+    w.add_argument("--format", default="auto", help="convert/check: auto | mit | hf | torchvision | iabn")
+    w.add_argument("--force", action="store_true", help="get: download again; convert: replace the output")
+    _add_verbose(w)
+    w.set_defaults(func=cmd_weights)
 
     r = sub.add_parser("report", help="tables (markdown, CSV) and figures across run directories")
     r.add_argument("run_dirs", nargs="+", help="run directories (each with a results.json)")
     r.add_argument("-o", "--output", default="runs/report", help="output folder (default runs/report)")
     _add_verbose(r)
     r.set_defaults(func=cmd_report)
+
+    pr = sub.add_parser("predict", help="segment images with a run's checkpoint (masks, overlays, class areas)")
+    pr.add_argument("run_dir")
+    pr.add_argument("images", nargs="+", help="image files, folders or glob patterns")
+    pr.add_argument("-o", "--output", required=True, help="output folder")
+    pr.add_argument("--step", type=int, default=None, help="the step's checkpoint (default: the last finished)")
+    pr.add_argument("--mode", default="full", choices=["full", "resize", "sliding"],
+                    help="full image (default), shorter side to data.eval_size, or data.crop_size windows")
+    pr.add_argument("--batch-size", type=int, default=4)
+    pr.add_argument("--no-overlay", action="store_true")
+    pr.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    pr.set_defaults(func=cmd_predict)
 
     v = sub.add_parser("visualize", help="prediction grid after each step, or a t-SNE of decoder features")
     v.add_argument("run_dir")
@@ -475,6 +591,7 @@ EXIT_CODES = (
     ("sats.io", "FileError", 4, None),  # results, caches: the message names the file and the cause
     ("sats.models.weights", "WeightsError", 4, "check model.pretrained and model.pretrained_format"),
     ("sats.methods._importance", "MissingImportanceError", 4, None),
+    ("sats.download", "DownloadError", 7, None),  # the message names every URL tried and why it failed
     ("builtins", "OSError", 6, None),
 )
 EXIT_INTERRUPTED = 130  # Ctrl-C outside a run (a run's SIGINT/SIGTERM: RunInterrupted.exit_code)
@@ -523,7 +640,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args, extra = parser.parse_known_args(argv)
     verbose = bool(getattr(args, "verbose", False)) or (args.command in ("train", "config") and "--debug" in extra)
     _setup_logging(verbose)
-    if extra and args.command not in ("train", "config", "demo", "data", "bench"):
+    if extra and args.command not in ("train", "config", "demo", "data", "bench", "weights"):
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
     try:
         return args.func(args, extra)

@@ -105,6 +105,10 @@ class TrainConfig:
     weight_decay: float = 1e-4  # on every parameter, norms and biases included (reference)
     poly_power: float = 0.9  # lr_i = lr_0 (1 - i / I) ** power, per iteration
     warmup_iters: int = 0  # linear warm-up iterations (0 in the paper)
+    #: warm-up over this fraction of the step's iterations, multiplied into the poly factor: the factor goes
+    #: linearly from ``warmup_factor`` to 1 (DKD's/STAR's ADE schedule: 0.2); 0: off. Excludes warmup_iters
+    warmup_fraction: float = 0.0
+    warmup_factor: float = 0.001  # the factor at iteration 0 of a warmup_fraction warm-up
     #: off | bf16 | fp16 (GradScaler; CUDA only) | auto (fp16 on CUDA, the reference's apex O1; off on CPU)
     amp: str = "off"
     tf32: bool = True  # CUDA: TF32 matrix products and convolutions (Ampere and newer); false = strict fp32
@@ -136,6 +140,12 @@ class TrainConfig:
         if self.select == "best_val" and self.val_every <= 0:
             raise ConfigError("train.select=best_val needs train.val_every > 0")
         _positive("train.dist_timeout_s", self.dist_timeout_s)
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ConfigError(f"train.warmup_fraction: must lie in [0, 1), got {self.warmup_fraction}")
+        if self.warmup_fraction > 0 and self.warmup_iters > 0:
+            raise ConfigError("train.warmup_fraction and train.warmup_iters are two warm-ups: set one of them to 0")
+        if not 0.0 <= self.warmup_factor <= 1.0:
+            raise ConfigError(f"train.warmup_factor: must lie in [0, 1], got {self.warmup_factor}")
 
     def epochs_at(self, step: int) -> int:
         return self.epochs if step == 0 or self.epochs_incremental is None else self.epochs_incremental
@@ -152,6 +162,9 @@ class MemoryConfig:
     ``s``'s training list (class-balanced, deterministic) and stored as image ids in
     ``<run_dir>/memory/step{s+1}.json``. Each training batch of a step ``t > 0`` is then half
     current-step images and half memory images, and an epoch has twice as many iterations.
+    ``selection: round_robin``, ``batching: concat`` and ``labels: current`` give DKD's memory instead
+    (docs/methods.md §3.14): ``size`` images in total, one class at a time, concatenated to the step's
+    training list and labelled like it.
     """
 
     enabled: bool = False
@@ -162,18 +175,46 @@ class MemoryConfig:
     #: True: pseudo-labelling methods (PLOP, SATS) overwrite the old-class ground truth of memory images,
     #: as the reference does; False: memory images keep it (the methods read ``cfg.memory.reference_labels``)
     reference_labels: bool = False
+    #: balanced: every old class gets ceil(size / classes) images, lists walked in order (§3.12);
+    #: round_robin: ``size`` images in total, a seeded round over the old classes, one image per class and turn,
+    #: candidates = the previous step's images and the previous memory (DKD, §3.14)
+    selection: str = "balanced"
+    #: half: every batch is half current, half memory images; concat: the memory joins the step's training list
+    batching: str = "half"
+    #: seen: memory images keep every seen class; current: they are labelled like the step's images (old → 0)
+    labels: str = "seen"
+    #: round_robin only: a candidate's classes also include the old classes that the model of the step that
+    #: ends predicts with confidence >= this on its background pixels (DKD: 0.9); None: ground truth only
+    pseudo_threshold: Optional[float] = None
 
     def __post_init__(self) -> None:
         _positive("memory.size", self.size)
         if self.per_class is not None:
             _positive("memory.per_class", self.per_class)
+        _choice("memory.selection", self.selection, ("balanced", "round_robin"))
+        _choice("memory.batching", self.batching, ("half", "concat"))
+        _choice("memory.labels", self.labels, ("seen", "current"))
+        if self.selection == "round_robin" and self.per_class is not None:
+            raise ConfigError("memory.per_class is a quota of the balanced selection; round_robin has a total budget "
+                              "(memory.size)")
+        if self.pseudo_threshold is not None:
+            if self.selection != "round_robin":
+                raise ConfigError("memory.pseudo_threshold is used by memory.selection=round_robin only")
+            if not 0.0 <= self.pseudo_threshold <= 1.0:
+                raise ConfigError(f"memory.pseudo_threshold: must lie in [0, 1], got {self.pseudo_threshold}")
 
 
 @dataclass
 class LogConfig:
     tensorboard: bool = True
     overlay_images: int = 4  # prediction overlays written to tensorboard after each step
-    progress: bool = True  # progress bars
+    progress: bool = True  # progress bars (drawn only when stderr is a terminal; sats/progress.py)
+    wandb: bool = False  # mirror the tensorboard scalars and images to Weights & Biases (pip install wandb)
+    wandb_project: str = "sats"
+    wandb_mode: str = "offline"  # offline (sync later with `wandb sync`) | online | disabled
+
+    def __post_init__(self) -> None:
+        _choice("log.wandb_mode", self.wandb_mode, ("offline", "online", "disabled"))
 
 
 @dataclass
@@ -295,6 +336,30 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
 
 def config_to_dict(cfg: ExperimentConfig) -> Dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+#: keys added to the schema after runs were recorded, with the value that gives the earlier behaviour: a recorded
+#: config (or a shared step-0 key) that lacks one of them equals one that holds it at this value
+LATER_DEFAULTS: Dict[str, Any] = {
+    "train.warmup_fraction": 0.0, "train.warmup_factor": 0.001,
+    "memory.selection": "balanced", "memory.batching": "half", "memory.labels": "seen", "memory.pseudo_threshold": None,
+    "model.dilation_mode": "stage", "model.encoder_bn_momentum": None, "model.head_dropout": 0.1,
+    "model.classifier_init": "default",
+}
+
+
+def without_later_defaults(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """``tree`` (a config as nested dicts, or one of its sections under ``prefix``) without the
+    :data:`LATER_DEFAULTS` keys that hold their earlier-behaviour value, so that what was recorded before the
+    keys existed still compares (and hashes) equal."""
+    out: Dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out[key] = without_later_defaults(value, f"{path}.")
+        elif not (path in LATER_DEFAULTS and value == LATER_DEFAULTS[path]):
+            out[key] = value
+    return out
 
 
 def save_config(cfg: ExperimentConfig, path: Path) -> None:

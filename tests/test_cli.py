@@ -61,16 +61,35 @@ def test_data_check_reports_every_bad_file(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_quick_demo_runs_every_default_method(tmp_path, monkeypatch, capsys):
-    from sats.demo import DEMO_METHODS
+    from sats.demo import DEMO_METHODS, DEMO_TASKS, TITLES
 
     monkeypatch.chdir(tmp_path)  # the demo's data and caches are relative to the working directory
     assert main(["demo", "--quick", "--output", "out", "train.threads=1", "log.progress=false"]) == 0
     out = capsys.readouterr().out
+    assert DEMO_TASKS == ("15-5", "15-1") and "sats-noattn" in DEMO_METHODS
+    assert "| method | 15-5 old | 15-5 new | 15-5 all | 15-1 old | 15-1 new | 15-1 all | time |" in out
+    assert "encoder pretrained (builtin:mit-tiny-synthetic)" in out
     for method in DEMO_METHODS:
-        assert f"| demo-{method} | {method} |" in out
+        assert f"| {TITLES[method]} | " in out
     summary = json.loads((tmp_path / "out/summary.json").read_text())
-    assert set(summary["methods"]) == set(DEMO_METHODS)
-    assert (tmp_path / "out/miou_per_step.png").stat().st_size > 1000
+    assert summary["encoder"] == "builtin:mit-tiny-synthetic" and set(summary["tasks"]) == set(DEMO_TASKS)
+    assert all(set(summary["tasks"][task]) == set(DEMO_METHODS) for task in DEMO_TASKS)
+    assert len(summary["tasks"]["15-1"]["sats"]) == 6 and len(summary["tasks"]["15-1"]["joint"]) == 1
+    assert len(summary["seconds"]) == 2 * len(DEMO_METHODS) - 1  # joint: one run for both tasks
+    for task in DEMO_TASKS:
+        assert (tmp_path / f"out/miou_per_step_{task}.png").stat().st_size > 1000
+    config = (tmp_path / "out/15-1/sats-noattn/config.yaml").read_text()
+    assert "pretrained: builtin:mit-tiny-synthetic" in config and "lambda_sat: 0.0" in config
+
+
+def test_demo_from_scratch_keeps_the_random_init_encoder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--quick", "--from-scratch", "--tasks", "15-5", "--methods", "ft", "train.threads=1",
+                 "log.progress=false"]) == 0
+    assert "encoder trained from scratch" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "runs/demo-scratch-quick/summary.json").read_text())  # its own default folder
+    assert summary["encoder"] == "scratch" and set(summary["tasks"]) == {"15-5"}
+    assert "pretrained: null" in (tmp_path / "runs/demo-scratch-quick/15-5/ft/config.yaml").read_text()
 
 
 def test_every_registered_method_has_a_demo_config():

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from sats.config import ConfigError, ExperimentConfig
-
 from sats.experiment import load_experiment
 
 from sats.reference_flags import parse_overrides

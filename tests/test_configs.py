@@ -55,7 +55,10 @@ def test_config_validates_and_matches_its_name(path: Path):
     assert cfg.data.overlap == (parts["disjoint"] is None)
     get_task(cfg.data.dataset, cfg.data.task)  # a task the dataset knows
     assert cfg.model.pretrained  # every paper row starts from ImageNet weights
-    if cfg.data.dataset == "ade":
+    if cfg.method_name in ("dkd", "star"):  # their own schedules (docs/methods.md §3.14, §3.15)
+        assert cfg.train.epochs == (100 if cfg.data.dataset == "ade" else 60) and cfg.train.seed == 1
+        assert cfg.train.warmup_fraction == (0.2 if cfg.data.dataset == "ade" else 0.0)
+    elif cfg.data.dataset == "ade":
         assert cfg.train.epochs == 60 and cfg.data.root.endswith("ADEChallengeData2016")
     elif cfg.method_name != "ssul":  # SSUL trains 50 epochs (docs/methods.md §4)
         assert cfg.train.epochs == 30
@@ -98,3 +101,29 @@ def test_generated_files_are_in_sync(capsys):
     assert generate.main(["--check"]) == 0, capsys.readouterr().out
     stems = [r.stem for r in generate.all_rows()]
     assert len(stems) == len(set(stems))
+
+
+def test_dkd_and_star_rows_use_their_own_model_schedule_and_memory():
+    """DKD / STAR files: the torchvision DeepLab (or MiT-B2 with the official head), the official lr, pos_weight,
+    memory budgets (docs/methods.md §3.14, §3.15)."""
+    voc, ade = CONFIGS / "voc", CONFIGS / "ade"
+    dkd = _load(voc / "dkd_r101_voc-15-1.yaml")
+    assert (dkd.model.head, dkd.model.dilation_mode, dkd.model.activation, dkd.model.encoder_bn_momentum) == (
+        "aspp_tv", "torchvision", "relu", 0.01)
+    assert dkd.model.pretrained_format == "torchvision" and dkd.model.classifier_init == "kaiming_normal"
+    assert (dkd.train.lr, dkd.train.lr_incremental, dkd.data.batch_size) == (0.001, 0.0001, 8)
+    assert (dkd.method["pos_weight"], dkd.method["pos_weight_incremental"], dkd.method["lambda_kd"]) == (2.0, 1.0, 5.0)
+    assert not dkd.memory.enabled
+    dkd_ade = _load(ade / "dkd-m_r101_ade-100-10.yaml")
+    assert dkd_ade.method["pos_weight"] == dkd_ade.method["pos_weight_incremental"] == 35.0
+    assert (dkd_ade.memory.size, dkd_ade.memory.selection, dkd_ade.memory.batching, dkd_ade.memory.labels) == (
+        300, "round_robin", "concat", "current")
+    assert _load(voc / "dkd-m_mit-b2_voc-15-1.yaml").memory.size == 100
+    star = _load(voc / "star-m_r101_voc-10-1.yaml")
+    assert (star.method["pos_weight"], star.method["lr_mult_new_head"], star.memory.size, star.data.batch_size) == (
+        4.0, 100.0, 50, 24)
+    star_b2 = _load(ade / "star_mit-b2_ade-50-50.yaml")
+    assert (star_b2.model.head, star_b2.method["pos_weight"], star_b2.train.lr) == ("segformer", 30.0, 0.0025)
+    assert not (ade / "star-m_r101_ade-100-10.yaml").exists()  # STAR-M is VOC only
+    disjoint = _load(voc / "star_mit-b2_voc-19-1_disjoint.yaml")
+    assert not disjoint.data.overlap and disjoint.data.task == "19-1"

@@ -169,7 +169,9 @@ def test_sats_m_two_step_run(tiny_run):
 
 
 MINE = sorted({*Path(CONFIGS, "voc").glob("ssul*_*.yaml"), *Path(CONFIGS, "voc").glob("*-m_*.yaml"),
-               CONFIGS / "demo/ssul.yaml", CONFIGS / "demo/sats-m.yaml"})
+               CONFIGS / "demo/ssul.yaml", CONFIGS / "demo/sats-m.yaml"}
+              - {*Path(CONFIGS, "voc").glob("dkd-m_*.yaml"), *Path(CONFIGS, "voc").glob("star-m_*.yaml")})
+# (DKD-M / STAR-M are generated with their own memory rule: tests/test_configs.py, tests/test_engine_options.py)
 
 
 @pytest.mark.parametrize("path", MINE, ids=[p.stem for p in MINE])

@@ -83,6 +83,16 @@ class SATSContract(MethodContract):
     output_variants = ({"method.source": "features"},)  # the CNN-feature variant reads stages + decoder
 
 
+class DKDContract(MethodContract):
+    method = "dkd"
+    terms = (frozenset({"mbce", "ac"}), frozenset({"mbce", "kd", "dkd_pos", "dkd_neg", "ac"}))
+
+
+class STARContract(MethodContract):
+    method = "star"
+    terms = (frozenset({"mbce"}), frozenset({"mbce", "ocfm", "sad"}))
+
+
 class _References:
     """One uninterrupted reference run per method, shared by the checks of this module."""
 

@@ -11,7 +11,7 @@ import pytest
 
 import sats.methods
 from sats.methods import base, discover_methods, get_method_class, iter_methods, list_methods
-from sats.report.paper_results import VOC_OVERLAPPED
+from sats.report.paper_results import PAPER_RESULTS
 
 METHODS_DIR = Path(sats.methods.__file__).parent
 FILES = sorted(p.stem for p in METHODS_DIR.glob("*.py") if p.stem != "__init__")
@@ -83,7 +83,7 @@ def test_method_modules_import_no_sibling_method_no_engine_no_process_group(stem
 def test_labels_are_the_display_names_of_the_paper_and_are_never_inherited():
     labels = {cls.name: cls.label for cls in iter_methods() if cls.__module__.startswith("sats.")}
     assert labels["joint"] == "Joint training" and labels["ft"] == "FT" and labels["lwf_mc"] == "LwF-MC"
-    for paper in VOC_OVERLAPPED:  # rows of sats methods (and their "-M" memory variants) print our label
+    for paper in PAPER_RESULTS:  # rows of sats methods (and their "-M" memory variants) print our label
         name, memory = paper.method.removesuffix("-m"), paper.method.endswith("-m")
         if name in labels:
             assert paper.label == labels[name] + ("-M" if memory else ""), paper

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from sats.config import ConfigError
-
 from sats.experiment import load_experiment
 from sats.engine.runner import Runner
 from sats.losses.attention import sats_attention_loss

@@ -239,3 +239,57 @@ def test_readable_through_the_voc_reader(tiny_root):
                 assert np.array_equal(mask, np.asarray(expected))
             assert files.read_image(i).size == mask.shape[::-1]
     assert datasets.check_dataset(train, workers=1, progress=False) == []
+
+
+# --------------------------------------------------------------------------- the pretraining world
+
+
+def test_pretrain_world_shares_no_class_with_the_demo():
+    from sats.data.synthetic import PRETRAIN_CLASS_SHAPE_TEXTURE, PRETRAIN_SHAPES, SHAPES, TEXTURES, world_classes
+
+    assert world_classes("voc") == CLASS_SHAPE_TEXTURE and world_classes("pretrain") == PRETRAIN_CLASS_SHAPE_TEXTURE
+    assert len(set(PRETRAIN_CLASS_SHAPE_TEXTURE)) == 20
+    assert not set(PRETRAIN_CLASS_SHAPE_TEXTURE) & set(CLASS_SHAPE_TEXTURE)  # no (shape, texture) class in common
+    assert not set(PRETRAIN_SHAPES) & set(SHAPES)  # not even a shape
+    assert {texture for _, texture in PRETRAIN_CLASS_SHAPE_TEXTURE} == set(TEXTURES)  # the textures are shared
+    with pytest.raises(ValueError, match="unknown synthetic world 'imagenet'"):
+        world_classes("imagenet")
+
+
+@pytest.mark.parametrize(("shape", "inside", "outside"), [
+    ("diamond", [(0, 0), (0.45, 0.45), (0, -0.95)], [(0.6, 0.6), (1.05, 0)]),
+    ("star", [(0, 0), (0, -0.95), (0.3, 0.1)], [(0, 0.6), (0.5, -0.5), (0, -1.05)]),
+    ("crescent", [(-0.9, 0), (0, 0.9)], [(0, 0), (0.5, 0), (1.05, 0)]),
+    ("halfdisc", [(0, 0.5), (0.9, 0.1)], [(0, -0.5), (0.9, 0.9)]),
+    ("frame", [(0.8, 0.8), (-0.9, 0)], [(0, 0), (0.3, 0.3), (1.05, 0)]),
+])
+def test_pretrain_shape_inside_tests(shape, inside, outside):
+    test_shape_inside_tests(shape, inside, outside)
+
+
+def test_pretrain_world_is_deterministic_and_other_than_the_demo(tmp_path, tiny_root):
+    first = generate_synthetic(tmp_path / "a", seed=3, world="pretrain", **TINY)
+    again = generate_synthetic(tmp_path / "b", seed=3, world="pretrain", workers=2, **TINY)
+    files, demo = _files(first), _files(tiny_root)  # tiny_root: the voc world, same seed and sizes
+    assert files == _files(again)
+    images = [name for name in files if name.startswith("JPEGImages/")]
+    assert all(files[name] != demo[name] for name in images)
+    info = json.loads((first / "synthetic.json").read_text())
+    assert info["world"] == "pretrain" and info["classes"]["1"] == "diamond/hstripes"
+    assert json.loads((tiny_root / "synthetic.json").read_text())["world"] == "voc"
+    image, mask = render_sample(np.random.default_rng(0), 48, 48, [7], world="pretrain")
+    assert set(np.unique(mask).tolist()) == {0, 7, 255} and image.shape == (48, 48, 3)
+
+
+def test_ensure_synthetic_tells_the_worlds_apart(tmp_path, monkeypatch):
+    root = ensure_synthetic(tmp_path / "d", seed=0, **TINY)
+    calls = []
+    real_generate = synthetic.generate_synthetic
+    monkeypatch.setattr(synthetic, "generate_synthetic", lambda *a, **k: calls.append(k) or real_generate(*a, **k))
+    info = json.loads((root / "synthetic.json").read_text())
+    del info["world"]  # a folder written before worlds existed holds the voc world
+    (root / "synthetic.json").write_text(json.dumps(info))
+    ensure_synthetic(root, seed=0, **TINY)
+    assert calls == []
+    ensure_synthetic(root, seed=0, world="pretrain", **TINY)
+    assert len(calls) == 1 and json.loads((root / "synthetic.json").read_text())["world"] == "pretrain"

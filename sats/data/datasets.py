@@ -431,10 +431,15 @@ class StepDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __len__(self) -> int:
         return int(self.positions.size)
 
+    def lut_for(self, k: int) -> np.ndarray:
+        """The lookup table of item ``k`` (one table for every item here)."""
+        return self.lut
+
     def __getitem__(self, k: int) -> tuple[torch.Tensor, ...]:
         position = int(self.positions[k])
         image, mask = self.files.read_pair(position)
+        lut = self.lut_for(k)
         if self.saliency is None:
-            return self.transform(image, apply_lut(self.lut, mask))
+            return self.transform(image, apply_lut(lut, mask))
         saliency = self.saliency.read(self.files.ids[position], shape=mask.shape)
-        return self.transform(image, apply_lut(self.lut, mask), saliency)  # type: ignore[call-arg]
+        return self.transform(image, apply_lut(lut, mask), saliency)  # type: ignore[call-arg]

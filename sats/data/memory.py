@@ -13,6 +13,13 @@ of at most ``k`` training images containing ``c``:
 The memory's images are the union of the lists (sorted by position in the training file list).
 They are labelled with :func:`sats.data.labels.memory_lut` (every seen class kept, future → 0).
 
+``memory.selection=round_robin`` is DKD's rule instead (docs/methods.md §3.14; :func:`round_robin_memory`):
+a total budget of ``N`` images, candidates = step ``t − 1``'s training images (their classes of ``C^{t−1}``,
+plus the old classes the step-``t − 1`` model finds in them with ``memory.pseudo_threshold``) and the entries
+of step ``t − 1``'s memory (with the classes recorded for them); candidates and old classes are shuffled with
+a seeded generator and the classes take, in turn, the first remaining candidate that contains them. Every
+image then serves one class; the candidates' classes are stored too, for the next step's selection.
+
 Storage: ``<run_dir>/memory/step{t}.json`` (written atomically) holds the lists as **image ids**
 (and positions, for information); on load every id is looked up in the training list, so a
 reordered list is harmless and a missing image is an error naming it.
@@ -24,7 +31,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -33,7 +40,7 @@ from sats.data.tasks import Task
 from sats.io import write_json_atomic
 
 __all__ = ["MEMORY_VERSION", "StepMemory", "build_step_memory", "load_memory", "memory_classes", "memory_path",
-           "per_class_quota", "save_memory", "select_memory"]
+           "per_class_quota", "round_robin_memory", "round_robin_take", "save_memory", "select_memory"]
 
 MEMORY_VERSION = 1
 
@@ -78,13 +85,51 @@ def select_memory(positions: np.ndarray, presence: np.ndarray, classes: Sequence
     return lists
 
 
+def round_robin_memory(candidates: Mapping[int, Sequence[int]], classes: Sequence[int], budget: int,
+                       seed: int) -> Dict[int, List[int]]:
+    """DKD's selection: ``{class: [positions]}`` with at most ``budget`` images in total.
+
+    ``candidates`` maps a training-list position to the classes it holds. The candidates (in position order)
+    and ``classes`` are shuffled with ``numpy.random.default_rng(seed)``; then, round after round over the
+    shuffled classes, each class takes the first remaining candidate that holds it. It stops at the budget, or
+    after a round in which no class found a candidate (the reference loops forever there).
+    """
+    rng = np.random.default_rng(seed)
+    order = [int(p) for p in sorted(candidates)]
+    order = [order[i] for i in rng.permutation(len(order))]
+    class_order = [int(classes[i]) for i in rng.permutation(len(classes))]
+    return round_robin_take([(p, candidates[p]) for p in order], class_order, budget)
+
+
+def round_robin_take(candidates: Sequence[Tuple[int, Sequence[int]]], class_order: Sequence[int],
+                     budget: int) -> Dict[int, List[int]]:
+    """The rounds of :func:`round_robin_memory` over already ordered ``(position, classes)`` candidates."""
+    remaining = [(int(p), set(int(c) for c in held)) for p, held in candidates]
+    lists: Dict[int, List[int]] = {int(c): [] for c in sorted(map(int, class_order))}
+    taken = 0
+    while taken < budget:
+        before = taken
+        for c in map(int, class_order):
+            hit = next((i for i, (_, held) in enumerate(remaining) if c in held), None)
+            if hit is not None:
+                lists[c].append(remaining.pop(hit)[0])
+                taken += 1
+                if taken >= budget:
+                    break
+        if taken == before:
+            break
+    return lists
+
+
 @dataclass
 class StepMemory:
     """The memory of one step: per-class lists of positions into the training file list."""
 
     step: int
-    per_class: int  # k
+    per_class: int  # k (0 for the round-robin selection, which has a total budget)
     lists: Dict[int, List[int]]  # raw class id -> positions (walk order)
+    #: round_robin: the classes recorded for every memory image (candidates of the next step's selection)
+    classes_of: Optional[Dict[int, List[int]]] = None
 
     @property
     def positions(self) -> np.ndarray:
@@ -102,6 +147,8 @@ class StepMemory:
             "classes": {str(c): [files.ids[p] for p in entries] for c, entries in self.lists.items()},
             "images": [files.ids[p] for p in self.positions],
             "positions": {str(c): list(entries) for c, entries in self.lists.items()},
+            **({} if self.classes_of is None else
+               {"image_classes": {files.ids[p]: list(c) for p, c in sorted(self.classes_of.items())}}),
         }
 
 
@@ -154,4 +201,7 @@ def load_memory(path: str | os.PathLike[str], files: SegmentationFiles, task: Ta
         raise DataError(path, f"{len(missing)} memory image id(s) are not in the training list {files.root} "
                               f"({files.split}): {missing[:10]}")
     lists = {int(c): [index[i] for i in ids] for c, ids in data["classes"].items()}
-    return StepMemory(step=t, per_class=per_class, lists=lists)
+    recorded = data.get("image_classes")
+    classes_of = None if recorded is None else {index[i]: [int(c) for c in cs] for i, cs in recorded.items()
+                                                if i in index}
+    return StepMemory(step=t, per_class=per_class, lists=lists, classes_of=classes_of)

@@ -14,6 +14,18 @@ per object (base hues are 0.05 apart, so about +-2 hue slots). Texture
 periods and object sizes scale with the image's shorter side, so resizing an
 image to any training size keeps the cues at the same relative scale.
 
+A second *world*, ``world="pretrain"``, is drawn by the same code with twenty
+other classes: five other shapes with the same four textures::
+
+    shape   = PRETRAIN_SHAPES[(c - 1) % 5]   diamond, star, crescent, half-disc, frame
+    texture = TEXTURES[(c - 1) // 5]
+
+No shape is shared, so no (shape, texture) class of one world is a class of the
+other; the textures, the colours, the backgrounds and the image statistics are
+shared, as ImageNet shares edges and textures with VOC but not its label set.
+It has its own hue permutation and its own random streams (other images for the
+same seed). The demo's tiny encoder is pretrained on it (`sats.pretrain`).
+
 Layout written under ``root`` (the layout `build_files("voc", root, split)` reads)::
 
     JPEGImages/<id>.jpg              RGB, JPEG quality 90
@@ -54,9 +66,13 @@ log = logging.getLogger("sats")
 __all__ = [
     "CLASS_SHAPE_TEXTURE",
     "NUM_CLASSES",
+    "PRETRAIN_CLASS_SHAPE_TEXTURE",
+    "PRETRAIN_SHAPES",
     "SHAPES",
     "SYNTHETIC_VERSION",
     "TEXTURES",
+    "WORLDS",
+    "world_classes",
     "dataset_statistics",
     "ensure_synthetic",
     "generate_synthetic",
@@ -75,9 +91,16 @@ CLASS_SHAPE_TEXTURE: tuple[tuple[str, str], ...] = tuple(
     (SHAPES[k % len(SHAPES)], TEXTURES[k // len(SHAPES)]) for k in range(NUM_CLASSES - 1)
 )
 """Entry ``c - 1`` is the (shape, texture) of class ``c``."""
+PRETRAIN_SHAPES: tuple[str, ...] = ("diamond", "star", "crescent", "halfdisc", "frame")
+PRETRAIN_CLASS_SHAPE_TEXTURE: tuple[tuple[str, str], ...] = tuple(
+    (PRETRAIN_SHAPES[k % len(PRETRAIN_SHAPES)], TEXTURES[k // len(PRETRAIN_SHAPES)]) for k in range(NUM_CLASSES - 1)
+)
+"""The pretraining world: entry ``c - 1`` is the (shape, texture) of its class ``c``; no shape of `SHAPES`."""
+WORLDS: tuple[str, ...] = ("voc", "pretrain")
+"""``voc``: the demo's classes (`CLASS_SHAPE_TEXTURE`); ``pretrain``: the encoder-pretraining world."""
 
-DEFAULTS: dict[str, Any] = {"num_train": 800, "num_val": 120, "size": (64, 112), "seed": 0}
-"""Generation defaults (those of `sats.config.SyntheticConfig`)."""
+DEFAULTS: dict[str, Any] = {"num_train": 800, "num_val": 120, "size": (64, 112), "seed": 0, "world": "voc"}
+"""Generation defaults (those of `sats.config.SyntheticConfig`, which has no world: always ``voc``)."""
 INFO_FILE = "synthetic.json"
 SPLIT_LISTS = {"train": "splits/train_aug.txt", "val": "splits/val.txt"}
 _SPLIT_CODE = {"train": 0, "val": 1}
@@ -87,9 +110,16 @@ _JPEG_QUALITY = 90
 # Base hue of class c is _HUE_ORDER[c - 1] / 20: a permutation, so classes with
 # neighbouring ids (same texture or same shape) do not get neighbouring hues.
 _HUE_ORDER = (np.arange(NUM_CLASSES - 1) * 7) % (NUM_CLASSES - 1)
+# The pretraining world's hues: another permutation, half a slot (0.025) off the demo's hues.
+_PRETRAIN_HUES = (((np.arange(NUM_CLASSES - 1) * 3) % (NUM_CLASSES - 1)) + 0.5) / (NUM_CLASSES - 1)
+_WORLD_TABLES = {"voc": (CLASS_SHAPE_TEXTURE, _HUE_ORDER / (NUM_CLASSES - 1)),
+                 "pretrain": (PRETRAIN_CLASS_SHAPE_TEXTURE, _PRETRAIN_HUES)}
+# Extra entry of every random stream of a world (none for voc: its streams are those of version 1).
+_WORLD_STREAM: dict[str, tuple[int, ...]] = {"voc": (), "pretrain": (1,)}
 _HUE_JITTER = 0.1
 # Radius multipliers that give every shape about the area of the unit disc (pi).
-_SHAPE_SCALE = {"disc": 1.0, "square": 0.90, "triangle": 1.30, "cross": 1.18, "ring": 1.10}
+_SHAPE_SCALE = {"disc": 1.0, "square": 0.90, "triangle": 1.30, "cross": 1.18, "ring": 1.10,
+                "diamond": 1.25, "star": 1.46, "crescent": 1.32, "halfdisc": 1.41, "frame": 1.06}
 
 
 _PALETTE_BYTES = VOC_PALETTE.tobytes()
@@ -112,7 +142,29 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     if shape == "ring":
         radius2 = u * u + v * v
         return (radius2 <= 1.0) & (radius2 >= 0.42 * 0.42)
-    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    if shape == "diamond":
+        return np.abs(u) + np.abs(v) <= 1.0
+    if shape == "star":  # five points (apex up) at radius 1, inner corners at 0.5
+        return _star_mask(u, v, inner=0.5)
+    if shape == "crescent":  # the unit disc minus a disc of radius 0.75 shifted right by 0.6
+        return (u * u + v * v <= 1.0) & ((u - 0.6) ** 2 + v * v > 0.75 * 0.75)
+    if shape == "halfdisc":  # the lower half of the unit disc
+        return (u * u + v * v <= 1.0) & (v >= 0.0)
+    if shape == "frame":  # a square ring
+        side = np.maximum(np.abs(u), np.abs(v))
+        return (side <= 1.0) & (side >= 0.55)
+    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES + PRETRAIN_SHAPES}")
+
+
+def _star_mask(u: np.ndarray, v: np.ndarray, inner: float) -> np.ndarray:
+    """Five-pointed star: outer corners at radius 1 (one straight up), inner corners at radius `inner`."""
+    sector = 2 * np.pi / 5
+    angle = np.abs(np.mod(np.arctan2(u, -v) + sector / 2, sector) - sector / 2)  # 0 at a point, pi/5 between
+    radius = np.hypot(u, v)
+    px, py = radius * np.cos(angle), radius * np.sin(angle)
+    # inside = on the centre's side of the edge from the point (1, 0) to the inner corner
+    ex, ey = inner * np.cos(sector / 2) - 1.0, inner * np.sin(sector / 2)
+    return ex * py - ey * (px - 1.0) >= 0.0
 
 
 def _texture_pattern(texture: str, ys: np.ndarray, xs: np.ndarray, period: float, phase: np.ndarray) -> np.ndarray:
@@ -146,9 +198,9 @@ def _erode(mask: np.ndarray) -> np.ndarray:
     return ~_dilate(~mask)
 
 
-def _object_colours(rng: np.random.Generator, class_id: int) -> tuple[np.ndarray, np.ndarray]:
+def _object_colours(rng: np.random.Generator, base_hue: float) -> tuple[np.ndarray, np.ndarray]:
     """Main and contrast colour (float RGB in 0..255) of one object: jittered class hue, strong luminance contrast."""
-    hue = (_HUE_ORDER[class_id - 1] / (NUM_CLASSES - 1) + rng.uniform(-_HUE_JITTER, _HUE_JITTER)) % 1.0
+    hue = (base_hue + rng.uniform(-_HUE_JITTER, _HUE_JITTER)) % 1.0
     saturation = rng.uniform(0.5, 1.0)
     value = rng.uniform(0.55, 1.0)
     main = np.array(colorsys.hsv_to_rgb(hue, saturation, value)) * 255.0
@@ -168,15 +220,24 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
     return np.asarray(small.resize((width, height), Image.Resampling.BICUBIC), dtype=np.float64)
 
 
+def world_classes(world: str = "voc") -> tuple[tuple[str, str], ...]:
+    """The (shape, texture) of every class of `world` (entry ``c - 1`` for class ``c``)."""
+    if world not in _WORLD_TABLES:
+        raise ValueError(f"unknown synthetic world {world!r}; expected one of {WORLDS}")
+    return _WORLD_TABLES[world][0]
+
+
 def render_sample(
-    rng: np.random.Generator, height: int, width: int, classes: Sequence[int]
+    rng: np.random.Generator, height: int, width: int, classes: Sequence[int], world: str = "voc"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Draw one image with one object per entry of `classes`, later objects on top.
+    """Draw one image with one object per entry of `classes` (class ids of `world`), later objects on top.
 
     Returns the image `(H, W, 3)` uint8 and the mask `(H, W)` uint8 (class id per
     pixel, 0 background, 255 on a 1 px (short side <= 80) or 2 px band along every
     object boundary, like VOC's borders).
     """
+    table = world_classes(world)
+    hues = _WORLD_TABLES[world][1]
     side = min(height, width)
     ys = np.arange(height, dtype=np.float64)[:, None]
     xs = np.arange(width, dtype=np.float64)[None, :]
@@ -187,7 +248,7 @@ def render_sample(
     for class_id in classes:
         if not 1 <= class_id < NUM_CLASSES:
             raise ValueError(f"class id {class_id} outside 1..{NUM_CLASSES - 1}")
-        shape, texture = CLASS_SHAPE_TEXTURE[class_id - 1]
+        shape, texture = table[class_id - 1]
         radius = 0.5 * side * rng.uniform(0.4, 0.65)
         # Of 12 candidate centres take the one farthest from earlier objects: overlaps stay partial.
         candidates = np.stack(
@@ -214,7 +275,7 @@ def render_sample(
             continue
         period = side * rng.uniform(0.15, 0.2)
         pattern = _texture_pattern(texture, ys, xs, period, rng.random(2))
-        main, partner = _object_colours(rng, class_id)
+        main, partner = _object_colours(rng, float(hues[class_id - 1]))
         colour = np.where(pattern[..., None], partner, main)
         image[inside] = colour[inside]
         core = _erode(inside) if border_two_px else inside
@@ -236,10 +297,12 @@ class _SamplePlan:
     height: int
     width: int
     classes: tuple[int, ...]
+    world: str = "voc"
 
 
-def _normalise_args(num_train: int, num_val: int, size: int | Sequence[int], seed: int) -> dict[str, Any]:
+def _normalise_args(num_train: int, num_val: int, size: int | Sequence[int], seed: int, world: str = "voc") -> dict[str, Any]:
     """Validated generation arguments as stored in synthetic.json (size as [lo, hi])."""
+    world_classes(world)  # raises for an unknown world
     for key, value in (("num_train", num_train), ("num_val", num_val)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{key} must be a positive int, got {value!r}")
@@ -253,15 +316,15 @@ def _normalise_args(num_train: int, num_val: int, size: int | Sequence[int], see
         raise ValueError(f"size must be an int or a (low, high) pair of ints, got {size!r}")
     if not 16 <= low <= high:
         raise ValueError(f"size must satisfy 16 <= low <= high, got {size!r}")
-    return {"num_train": int(num_train), "num_val": int(num_val), "size": [low, high], "seed": int(seed)}
+    return {"num_train": int(num_train), "num_val": int(num_val), "size": [low, high], "seed": int(seed), "world": world}
 
 
-def _plan_split(split: str, count: int, size: Sequence[int], seed: int) -> list[_SamplePlan]:
+def _plan_split(split: str, count: int, size: Sequence[int], seed: int, world: str = "voc") -> list[_SamplePlan]:
     """Image sizes and classes of every image of a split, balanced so every class is in about as many images.
 
     Each image takes its 1-3 classes among those used least so far (random tie-break).
     """
-    rng = np.random.default_rng([seed, _SPLIT_CODE[split]])
+    rng = np.random.default_rng([seed, _SPLIT_CODE[split], *_WORLD_STREAM[world]])
     counts = np.zeros(NUM_CLASSES - 1, dtype=np.int64)
     plans = []
     for index in range(count):
@@ -271,7 +334,8 @@ def _plan_split(split: str, count: int, size: Sequence[int], seed: int) -> list[
         counts[chosen] += 1
         height, width = (int(s) for s in rng.integers(size[0], size[1] + 1, 2))
         plans.append(
-            _SamplePlan(split, index, f"{split}_{index:05d}", height, width, tuple(int(c) + 1 for c in rng.permutation(chosen)))
+            _SamplePlan(split, index, f"{split}_{index:05d}", height, width,
+                        tuple(int(c) + 1 for c in rng.permutation(chosen)), world)
         )
     return plans
 
@@ -279,8 +343,8 @@ def _plan_split(split: str, count: int, size: Sequence[int], seed: int) -> list[
 def _write_sample(job: tuple[str, int, _SamplePlan]) -> None:
     """Render one planned image and write its JPEG and palette PNG under `root`."""
     root, seed, plan = job
-    rng = np.random.default_rng([seed, _SPLIT_CODE[plan.split], plan.index])
-    image, mask = render_sample(rng, plan.height, plan.width, plan.classes)
+    rng = np.random.default_rng([seed, _SPLIT_CODE[plan.split], plan.index, *_WORLD_STREAM[plan.world]])
+    image, mask = render_sample(rng, plan.height, plan.width, plan.classes, plan.world)
     Image.fromarray(image).save(Path(root, "JPEGImages", f"{plan.image_id}.jpg"), quality=_JPEG_QUALITY)
     mask_image = Image.fromarray(mask).convert("P")  # L -> P keeps the values as indices
     mask_image.putpalette(_PALETTE_BYTES)
@@ -316,6 +380,7 @@ def _holds_dataset(root: Path, args: dict[str, Any]) -> bool:
     info = read_synthetic_info(root) if root.is_dir() else None
     if info is None or info.get("version") != SYNTHETIC_VERSION:
         return False
+    info = {"world": "voc", **info}  # folders written before worlds existed hold the voc world
     return all(info.get(key) == value for key, value in args.items()) and _listed_files_exist(root)
 
 
@@ -365,6 +430,7 @@ def generate_synthetic(
     num_val: int = DEFAULTS["num_val"],
     size: int | Sequence[int] = DEFAULTS["size"],
     seed: int = DEFAULTS["seed"],
+    world: str = DEFAULTS["world"],
     workers: int = 1,
 ) -> Path:
     """Write the synthetic dataset in VOC layout under `root` and return `root` as a Path.
@@ -374,8 +440,9 @@ def generate_synthetic(
     then renamed into place, so an interrupted run never leaves a partial dataset;
     an existing synthetic dataset at `root` is replaced, any other non-empty folder
     raises FileExistsError. `workers > 1` renders in a process pool (same bytes).
+    `world` picks the class table (`WORLDS`): ``voc`` (the demo's) or ``pretrain``.
     """
-    args = _normalise_args(num_train, num_val, size, seed)
+    args = _normalise_args(num_train, num_val, size, seed, world)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive int, got {workers!r}")
     root = Path(root)
@@ -385,7 +452,7 @@ def generate_synthetic(
     try:
         for folder in ("JPEGImages", "SegmentationClassAug", "splits"):
             (partial / folder).mkdir()
-        plans = {split: _plan_split(split, args[f"num_{split}"], args["size"], args["seed"]) for split in SPLIT_LISTS}
+        plans = {split: _plan_split(split, args[f"num_{split}"], args["size"], args["seed"], world) for split in SPLIT_LISTS}
         jobs = [(str(partial), args["seed"], plan) for split_plans in plans.values() for plan in split_plans]
         if workers == 1:
             for job in jobs:
@@ -400,7 +467,7 @@ def generate_synthetic(
             "generator": "sats.data.synthetic",
             "version": SYNTHETIC_VERSION,
             **args,
-            "classes": {str(c + 1): f"{shape}/{texture}" for c, (shape, texture) in enumerate(CLASS_SHAPE_TEXTURE)},
+            "classes": {str(c + 1): f"{shape}/{texture}" for c, (shape, texture) in enumerate(world_classes(world))},
         }
         (partial / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
         _move_into_place(partial, root, args)

@@ -18,7 +18,7 @@ from sats.data.classes import NUM_CLASSES
 from sats.data.datasets import DataError, SegmentationFiles, StepDataset, build_files, check_dataset, format_problems
 from sats.data.labels import memory_lut, test_lut, train_lut, val_lut
 from sats.data.memory import (StepMemory, build_step_memory, load_memory, memory_classes, memory_path, per_class_quota,
-                              save_memory)
+                              round_robin_memory, save_memory)
 from sats.data.saliency import FolderSaliency, ensure_saliency_from_masks, resolve_saliency_root
 from sats.data.splits import StepSplit, class_presence, compute_splits, import_reference_splits
 from sats.data.tasks import Task, get_task
@@ -30,6 +30,9 @@ from sats.engine.evaluator import ShardedEvalSampler
 from sats.data.batch import Batch
 
 log = logging.getLogger("sats")
+
+#: ``images (B, 3, H, W) → (scores (B, H, W), channels (B, H, W))``: a model's confident prediction
+Confidence = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 
 
 def resolve_files(cfg: DataConfig, split: str) -> SegmentationFiles:
@@ -144,6 +147,25 @@ class SeededStepDataset(StepDataset):
         return super().__getitem__(k)
 
 
+class JoinedStepDataset(SeededStepDataset):
+    """The step's images followed by the memory's (``memory.batching=concat``, docs/methods.md §3.14): item ``k``
+    is ``(image, label[, saliency], is_memory)``, memory items ``k ≥ num_current`` labelled with ``memory_lut``,
+    every item with its own seed (:class:`SeededStepDataset`)."""
+
+    def __init__(self, files: SegmentationFiles, current: np.ndarray, memory: np.ndarray, lut: np.ndarray,
+                 memory_lut: np.ndarray, transform: Any, saliency: Any, seed: int) -> None:
+        super().__init__(files, np.concatenate([np.asarray(current), np.asarray(memory)]).astype(np.int64), lut,
+                         transform, saliency=saliency, seed=seed)
+        self.num_current = len(current)
+        self.memory_lut = np.asarray(memory_lut, dtype=np.uint8)
+
+    def lut_for(self, k: int) -> np.ndarray:
+        return self.lut if k < self.num_current else self.memory_lut
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, ...]:
+        return (*super().__getitem__(k), torch.tensor(k >= self.num_current))
+
+
 def _as_batch(item: Sequence[torch.Tensor], is_memory: Optional[torch.Tensor] = None) -> Batch:
     return Batch(images=item[0], labels=item[1], saliency=item[2] if len(item) > 2 else None, is_memory=is_memory)
 
@@ -154,16 +176,23 @@ class TrainBatches:
     Without memory: the current-step loader. With memory (docs/methods.md §3.12): each batch is a
     current-step batch of ``B // 2`` images followed by a memory batch of ``B − B // 2`` images
     (``is_memory`` marks the latter); an epoch is one pass over the current-step images, so it has
-    about twice the iterations of a memory-less epoch.
+    about twice the iterations of a memory-less epoch. With a :class:`JoinedStepDataset` (``memory.batching=
+    concat``) the memory is part of the shuffled list and its flag comes with each item.
     """
 
     def __init__(self, current: DataLoader, memory: Optional[DataLoader] = None) -> None:
         self.current, self.memory = current, memory
+        self.joined = isinstance(current.dataset, JoinedStepDataset)
 
     @property
     def dataset(self) -> Any:
-        """The current-step dataset."""
+        """The current-step dataset (memory items included when they are joined to it)."""
         return self.current.dataset
+
+    @property
+    def num_current(self) -> int:
+        """Current-step images of an epoch (memory images excluded)."""
+        return self.current.dataset.num_current if self.joined else len(self.current.dataset)
 
     def __len__(self) -> int:
         return len(self.current)
@@ -178,7 +207,7 @@ class TrainBatches:
     def __iter__(self) -> Iterator[Batch]:
         if self.memory is None:
             for item in self.current:
-                yield _as_batch(item)
+                yield _as_batch(item[:-1], item[-1]) if self.joined else _as_batch(item)
             return
         for current, memory in zip(self.current, self.memory):
             merged = [torch.cat([a, b]) for a, b in zip(current, memory)]
@@ -263,19 +292,27 @@ class ExperimentData:
                      memory: Optional[StepMemory] = None, saliency: bool = False) -> TrainBatches:
         """The step's training batches; ``label_table`` (256,) replaces the step's training table.
 
-        ``memory``: mix every batch half and half with these exemplar images (labelled with
-        ``memory_lut``); ``saliency``: batches carry the ``data.saliency_root`` maps.
+        ``memory``: mix every batch half and half with these exemplar images, or (``memory.batching=concat``) join
+        them to the step's list; they are labelled with ``memory_lut`` (``memory.labels=seen``) or like the step's
+        images (``current``); ``saliency``: batches carry the ``data.saliency_root`` maps.
         """
-        d = self.cfg.data
+        d, m = self.cfg.data, self.cfg.memory
         task = self.step_task(joint)
         split = self.split_at(step, joint)
         lut = train_lut(task, step) if label_table is None else label_table
         transform = train_transform(d.crop_size, scale=(d.scale_min, d.scale_max))
-        source = self.saliency_source(split.train) if saliency else None
-        batch = d.batch_size if memory is None else d.batch_size // 2
+        joined = memory is not None and m.batching == "concat"
+        positions = split.train if not joined else np.concatenate([split.train, memory.positions])
+        source = self.saliency_source(positions) if saliency else None
+        batch = d.batch_size if memory is None or joined else d.batch_size // 2
         if batch < 1:
             raise DataError(f"data.batch_size={d.batch_size} cannot be split between current and memory images")
-        ds = SeededStepDataset(self.train_files, split.train, lut, transform, saliency=source, seed=sampler_seed)
+        mem_lut = train_lut(task, step) if m.labels == "current" else memory_lut(task, step)
+        if joined:
+            ds: SeededStepDataset = JoinedStepDataset(self.train_files, split.train, memory.positions, lut, mem_lut,
+                                                      transform, source, sampler_seed)
+        else:
+            ds = SeededStepDataset(self.train_files, split.train, lut, transform, saliency=source, seed=sampler_seed)
         if len(ds) // dist.world_size < batch and train_cfg.drop_last:
             raise DataError(f"step {step}: {len(ds)} training images cannot fill one batch of {batch} "
                             f"per process on {dist.world_size} process(es) (drop_last is on)")
@@ -283,10 +320,10 @@ class ExperimentData:
         pin = dist.device.type == "cuda"
         current = DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=d.workers,
                              drop_last=train_cfg.drop_last, pin_memory=pin, persistent_workers=False)
-        if memory is None:
+        if memory is None or joined:
             return TrainBatches(current)
         memory_batch = d.batch_size - batch
-        mem_ds = StepDataset(self.train_files, memory.positions, memory_lut(task, step), transform,
+        mem_ds = StepDataset(self.train_files, memory.positions, mem_lut, transform,
                              saliency=self.saliency_source(memory.positions) if saliency else None)
         mem_sampler = MemorySampler(len(mem_ds), len(current) * memory_batch, sampler_seed, dist.rank,
                                     dist.world_size)
@@ -337,29 +374,87 @@ class ExperimentData:
         rows = [self.train_files.mask_classes(int(i)) for i in positions]
         return np.stack(rows) if rows else np.zeros((0, self.train_files.num_classes), dtype=bool)
 
-    def step_memory(self, step: int, run_dir: Path, write: bool) -> Optional[StepMemory]:
+    def step_memory(self, step: int, run_dir: Path, write: bool,
+                    confidence: Optional[Confidence] = None) -> Optional[StepMemory]:
         """The exemplar memory of ``step`` (None without memory or at step 0).
 
         Loaded from ``<run_dir>/memory/step{t}.json`` when present (ids validated against the
         training list), else selected from step ``t − 1``'s training list and the memory of
-        step ``t − 1`` and, with ``write``, stored there.
+        step ``t − 1`` and, with ``write``, stored there. ``confidence`` (the step-``t − 1`` model's
+        ``images → (scores, channels)``, :meth:`~sats.methods.base.Method.confidence`) gives the
+        round-robin selection its pseudo-labelled old classes (``memory.pseudo_threshold``).
         """
         m = self.cfg.memory
         if not m.enabled or step < 1:
             return None
         path = memory_path(run_dir, step)
-        k = per_class_quota(len(memory_classes(self.task, step)), m.size, m.per_class)
+        round_robin = m.selection == "round_robin"
+        k = 0 if round_robin else per_class_quota(len(memory_classes(self.task, step)), m.size, m.per_class)
         if path.exists():
             return load_memory(path, self.train_files, self.task, step, k)
         previous = self.step_memory(step - 1, run_dir, write)
         positions = self.splits[step - 1].train
-        memory = build_step_memory(self.task, step, positions, self.train_presence(positions), m.size, m.per_class,
-                                   previous)
+        if round_robin:
+            memory = self._round_robin_memory(step, positions, previous, confidence)
+        else:
+            memory = build_step_memory(self.task, step, positions, self.train_presence(positions), m.size,
+                                       m.per_class, previous)
         if write:
             save_memory(memory, self.train_files, path)
-        log.info("step %d: exemplar memory of %d images (%d per class over %d old classes) selected from step %d",
-                 step, len(memory), memory.per_class, len(memory.lists), step - 1)
+        quota = f"{memory.per_class} per class" if not round_robin else f"{m.size} in total, one class at a time"
+        log.info("step %d: exemplar memory of %d images (%s over %d old classes) selected from step %d",
+                 step, len(memory), quota, len(memory.lists), step - 1)
         return memory
+
+    def _round_robin_memory(self, step: int, positions: np.ndarray, previous: Optional[StepMemory],
+                            confidence: Optional[Confidence]) -> StepMemory:
+        """DKD's selection (:func:`sats.data.memory.round_robin_memory`): candidates = step ``t − 1``'s images with
+        their classes of ``C^{t−1}`` (and the old classes ``confidence`` finds), and the previous memory."""
+        m, task = self.cfg.memory, self.task
+        step_classes = [c for c in task.steps[step - 1] if c != 0]
+        presence = self.train_presence(positions)[:, step_classes]
+        candidates: Dict[int, set] = {int(p): {c for c, held in zip(step_classes, row) if held}
+                                      for p, row in zip(positions, presence)}
+        if m.pseudo_threshold is not None and step >= 2:
+            if confidence is None:
+                log.warning("step %d: no step-%d model to pseudo-label the memory candidates with; their classes are "
+                            "the ground truth of step %d only", step, step - 1, step - 1)
+            else:
+                for p, found in self._pseudo_classes(step - 1, positions, confidence, m.pseudo_threshold).items():
+                    candidates[p] |= found
+        if previous is not None:
+            recorded = previous.classes_of or {p: [c for c, entries in previous.lists.items() if p in entries]
+                                               for p in previous.positions.tolist()}
+            for p, held in recorded.items():
+                candidates.setdefault(int(p), set()).update(int(c) for c in held)
+        classes = memory_classes(task, step)
+        lists = round_robin_memory({p: sorted(c) for p, c in candidates.items()}, classes, m.size,
+                                   memory_seed(step_seed(self.cfg.train.seed, step)))
+        if not any(lists.values()):
+            raise DataError(f"memory of step {step}: no candidate image holds an old class {list(classes)}")
+        chosen = sorted(p for entries in lists.values() for p in entries)
+        return StepMemory(step=step, per_class=0, lists=lists, classes_of={p: sorted(candidates[p]) for p in chosen})
+
+    def _pseudo_classes(self, step: int, positions: np.ndarray, confidence: Confidence,
+                        threshold: float) -> Dict[int, set]:
+        """Classes that ``confidence`` predicts with a score ≥ ``threshold`` on pixels labelled 0 of the step's
+        training images (evaluation transform, the step's label table): ``{position: {class id}}``."""
+        d, task = self.cfg.data, self.task
+        ds = StepDataset(self.train_files, positions, train_lut(task, step), eval_transform(d.eval_size, mode=d.eval_mode))
+        loader = DataLoader(ds, batch_size=1 if d.eval_mode == "full" else d.eval_batch_size, num_workers=d.workers)
+        channel_classes = np.asarray(task.channel_classes)
+        found: Dict[int, set] = {}
+        start = 0
+        for images, labels in loader:
+            scores, channels = confidence(images)
+            labels = labels.to(channels.device)
+            hit = (labels == 0) & (scores >= threshold) & (channels > 0)
+            present = torch.zeros(len(images), task.num_outputs(step), dtype=torch.long, device=channels.device)
+            present.scatter_add_(1, torch.where(hit, channels, 0).flatten(1), hit.flatten(1).long())
+            for b, row in enumerate((present[:, 1:] > 0).cpu().numpy()):
+                found[int(positions[start + b])] = {int(channel_classes[c + 1]) for c in np.flatnonzero(row)}
+            start += len(images)
+        return found
 
     def eval_loader(self, step: int, joint: bool, kind: str, dist: DistInfo) -> DataLoader:
         """``kind`` = "test" (end-of-step, C^{0:t} kept) or "val" (per-epoch, C^t only)."""

@@ -14,7 +14,6 @@ from typing import Any, Dict, Optional
 import torch
 
 from sats.config import ExperimentConfig
-
 from sats.experiment import load_experiment
 from sats.engine import results as results_io
 from sats.engine.data import ExperimentData

@@ -25,10 +25,11 @@ from sats.data.batch import Batch
 from sats.engine.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
 from sats.engine.distributed import DistInfo, all_reduce_mean_, all_reduce_sum_, barrier
 from sats.engine.evaluator import Metrics
-from sats.engine.optim import build_grad_scaler, build_optimizer, build_scheduler
+from sats.engine.optim import build_grad_scaler, build_optimizer, build_scheduler, optimizer_groups
 from sats.engine.rundir import RunDir, RunError
 from sats.engine.signals import RunInterrupted, StopRequest, StoppableFetch, gather_per_rank
 from sats.methods.base import Method, StepContext
+from sats.models.segmenter import train_mode
 from sats.progress import progress_bar
 from sats.rng import capture_rng, restore_rng, seed_everything, step_seed
 
@@ -162,7 +163,7 @@ class StepTrainer:
         t, cfg, model = ctx.step, self.cfg.train, ctx.model
         epochs, per_epoch = cfg.epochs_at(t), len(loader)
         ctx.total_iterations = epochs * per_epoch
-        optimizer = build_optimizer(self.method.trainable_parameters(model, t), cfg, cfg.lr_at(t))
+        optimizer = build_optimizer(optimizer_groups(self.method, model, t), cfg, cfg.lr_at(t))
         opt = Optimisation(optimizer, build_scheduler(optimizer, cfg, ctx.total_iterations),
                            build_grad_scaler(ctx.device, self.amp), cfg.grad_clip)
         train_model: torch.nn.Module = model
@@ -175,14 +176,14 @@ class StepTrainer:
         self.method.begin_step(ctx)
         task = ctx.task
         log.info("step %d: %d classes new %s, %d images%s, %d epochs × %d iterations, lr %g", t,
-                 len(task.new_classes(t)), list(task.new_classes(t)), len(loader.dataset),
+                 len(task.new_classes(t)), list(task.new_classes(t)), loader.num_current,
                  f" + {memory_size} memory images" if memory_size is not None else "", epochs, per_epoch,
                  cfg.lr_at(t))
         for epoch in range(start_epoch, epochs):
             ctx.epoch = epoch
             seed_everything(step_seed(cfg.seed, t, epoch), self.dist.rank)
             loader.set_epoch_seed(step_seed(cfg.seed, t, epoch))
-            model.train()
+            train_mode(model, self.method.frozen_at(t))
             sums: Dict[str, Tensor] = {}
             replay, resumed = 0, {}  # batches trained before a mid-epoch stop (fetched again, not trained)
             if partial is not None:

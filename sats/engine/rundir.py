@@ -28,12 +28,13 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from sats.config import ExperimentConfig, config_to_dict, save_config
+from sats.config import ExperimentConfig, config_to_dict, save_config, without_later_defaults
 from sats.data.tasks import Task
 from sats.data.fingerprint import file_fingerprints
 from sats.engine.checkpoint import CheckpointError, load_checkpoint, load_state_strict, save_checkpoint, verify_checkpoint
 from sats.engine.distributed import all_agree, barrier
 from sats.io import digest
+from sats.models.builtin import pretrained_file
 from sats.models.config import ModelConfig
 from sats.models.segmenter import Segmenter, build_segmenter
 
@@ -152,7 +153,7 @@ class RunDir:
         current = json.loads(json.dumps(config_to_dict(cfg), default=str))
         if self.config_path.exists():
             saved = json.loads(json.dumps(_load_yaml(self.config_path), default=str))
-            diff = config_diff(saved, current)
+            diff = config_diff(without_later_defaults(saved), without_later_defaults(current))
             if not diff:
                 return
             if self.has_trained():
@@ -278,10 +279,10 @@ class SharedStep0:
     def for_run(cls, cfg: ExperimentConfig, recipe: str, data_digest: str, world_size: int) -> "SharedStep0":
         """The entry of a run's step 0: ``recipe`` (the method's step-0 key), ``data_digest`` (the step's images
         by content), the model (and the bytes of ``model.pretrained``), schedule, pipeline and process count."""
-        as_dict = config_to_dict(cfg)
+        as_dict = without_later_defaults(config_to_dict(cfg))  # entries written before a key existed stay valid
         determinants = {
             "recipe": recipe, "data": data_digest, "model": as_dict["model"],
-            "pretrained": file_fingerprints([Path(cfg.model.pretrained)], Path(cfg.data.cache_dir) / "data")[0]
+            "pretrained": file_fingerprints([pretrained_file(cfg.model.pretrained)], Path(cfg.data.cache_dir) / "data")[0]
             if cfg.model.pretrained else None,
             "train": {k: v for k, v in as_dict["train"].items() if k not in cls.FREE_TRAIN_KEYS},
             "data_pipeline": {k: getattr(cfg.data, k) for k in ("crop_size", "scale_min", "scale_max", "batch_size",

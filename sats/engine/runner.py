@@ -1,14 +1,13 @@
 """The step sequence of one experiment: data → model → method → train → test → checkpoint → results.
 
-The runner is method-agnostic: it reads what a method declares (``needs``, ``uses_old_model``,
-``head_init``, ``step0``, ``joint``) and calls its hooks; it never looks at a method's name. The
-epochs of a step are :class:`sats.engine.loop.StepTrainer`'s; the run directory (layout, lock,
-config record, the shared step 0, the one way from a checkpoint to a model) is
-:mod:`sats.engine.rundir`'s.
+Method-agnostic: it reads what a method declares (``needs``, ``uses_old_model``, ``head_init``, ``step0``,
+``joint``) and calls its hooks, never its name. The epochs of a step are :class:`sats.engine.loop.StepTrainer`'s;
+the run directory (layout, lock, config, shared step 0, checkpoint → model) is :mod:`sats.engine.rundir`'s.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from sats.engine.checkpoint import save_checkpoint, state_digest
 from sats.engine.data import ExperimentData, first_batch_images
 from sats.engine.distributed import DistInfo, all_agree, all_reduce_sum_, barrier, init_distributed, set_deterministic
 from sats.engine.evaluator import Metrics, evaluate_loader
+from sats.engine.logging_sinks import RunLogger
 from sats.engine.loop import NonFiniteGradientError, NonFiniteLossError, StepTrainer, TrainOutcome
 from sats.engine.optim import amp_dtype, autocast_factory, configure_cuda_math
 from sats.engine.rundir import RunDir, RunError, SharedStep0, load_step_model
@@ -77,6 +77,8 @@ class Runner:
             self.task: Task = self.data.task
             self.joint = self.method.joint
             self.num_steps = 1 if self.joint else self.task.num_steps
+            if cfg.log.wandb and importlib.util.find_spec("wandb") is None:
+                raise ConfigError("log.wandb=true needs the wandb package: pip install wandb (or log.wandb=false)")
             if not cfg.data.saliency_root and any(self.method.needs_saliency_at(t) for t in range(self.num_steps)):
                 raise ConfigError(f"method {self.method.name!r} needs saliency maps: set data.saliency_root (a "
                                   "folder of <image id>.png grayscale maps, relative paths under data.root)")
@@ -102,12 +104,13 @@ class Runner:
             rundir.unlock()
 
     @property
-    def writer(self):
-        if self._writer is None and self.cfg.log.tensorboard and self.dist.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(str(self.run_dir / "tb"))
-        return self._writer
+    def writer(self) -> Optional[RunLogger]:
+        """Tensorboard and/or W&B (``log.*``) on the main process, created at first use; None: no sink."""
+        c = self.cfg.log
+        if self._writer is None and (c.tensorboard or c.wandb) and self.dist.is_main:
+            self._writer = RunLogger(self.run_dir, c.tensorboard, c.wandb, c.wandb_project, c.wandb_mode,
+                                     self.cfg.name, config_to_dict(self.cfg))
+        return self._writer or None
 
     # -- the experiment -------------------------------------------------------------------------
     def run(self, steps: Optional[Sequence[int]] = None) -> List[Dict[str, Any]]:
@@ -177,7 +180,7 @@ class Runner:
                 return row
         model, old_model, old_digest = self._build_models(t, task)
         ctx = self._context(t, task, model, old_model, old_digest)
-        memory = self.data.step_memory(t, self.run_dir, write=self.dist.is_main)
+        memory = self.data.step_memory(t, self.run_dir, write=self.dist.is_main, confidence=self._confidence(old_model))
         loader = self.data.train_loader(t, self.joint, self.cfg.train, self.dist, step_seed(self.cfg.train.seed, t),
                                         memory=memory, saliency=self.method.needs_saliency_at(t))
         trainer = StepTrainer(self.cfg, self.dist, self.rundir, self.method, self.stop, self.autocast, self.amp,
@@ -201,7 +204,7 @@ class Runner:
                                       task)
         self.method.load_state_dict(prev.get("method", {}))
         old_model = frozen_copy(model).to(self.device) if self.method.old_model_at(t) else None
-        model.add_step(len(task.new_classes(t)), init=self.method.head_init)
+        model.add_step(len(task.new_classes(t)), init=self.method.head_init, source=self.method.head_init_source)
         # what the step-(t-1) model is, not when it was written: identical runs share their caches
         return model.to(self.device), old_model, state_digest({"model": prev["model"], "method": prev.get("method")})
 
@@ -242,7 +245,7 @@ class Runner:
                             self.rundir.step_checkpoint(t))
             self.rundir.epoch_checkpoint(t).unlink(missing_ok=True)
         if t + 1 < self.num_steps and self.dist.is_main:  # the next step's memory, from this step's images
-            self.data.step_memory(t + 1, self.run_dir, write=True)
+            self.data.step_memory(t + 1, self.run_dir, write=True, confidence=self._confidence(model))
         barrier()
         log.info("step %d test: mIoU %.2f | old %s | new %s", t, row["miou"] * 100, _pct(row["old"]), _pct(row["new"]))
         if self.writer is not None:
@@ -251,6 +254,20 @@ class Runner:
                     self.writer.add_scalar(f"test/{k}", row[k], t)
             self._overlays(model, t)
         return row
+
+    def _confidence(self, model: Optional[Segmenter]) -> Optional[Any]:
+        """``images → (scores, channels)`` of ``model`` (``method.confidence``) when the memory pseudo-labels."""
+        m = self.cfg.memory
+        if model is None or not m.enabled or m.pseudo_threshold is None:
+            return None
+
+        def confidence(images: torch.Tensor) -> tuple:
+            model.eval()
+            with torch.no_grad(), self.autocast():
+                logits = model(images.to(self.device)).logits
+            return self.method.confidence(logits)
+
+        return confidence
 
     def _evaluate(self, model: Segmenter, t: int, kind: str) -> Metrics:
         """Confusion matrix on the device over the step's test (C^{0:t}) or val (C^t) images."""
@@ -273,7 +290,7 @@ class Runner:
             pred = self.method.predict(model(images.to(self.device)).logits.float()).cpu()
         grid = overlay_grid(images, labels, pred, self.data.train_files.palette,
                             self.data.step_task(self.joint).channel_classes)
-        self.writer.add_image(f"predictions/step{t}", grid, t, dataformats="HWC")
+        self.writer.add_image(f"predictions/step{t}", grid, t)
 
     # -- step-0 sharing -------------------------------------------------------------------------
     def _shared_step0(self, t: int) -> Optional[SharedStep0]:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, Dict, Iterable, Iterator, List, Optional
-from typing import Protocol, Type
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, Dict, FrozenSet, Iterable, Iterator, List
+from typing import Mapping, Optional, Protocol, Type
 
 import torch
 from omegaconf import OmegaConf
@@ -25,6 +25,7 @@ from torch import Tensor
 
 from sats.data.batch import Batch
 from sats.losses.ce import cross_entropy
+from sats.losses.sigmoid import implicit_background_prediction
 from sats.rng import isolated_rng, pass_seed
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -92,6 +93,39 @@ class StepContext:
 
 
 @dataclass
+class ParamGroup:
+    """Parameters the optimiser updates at one learning rate and weight decay (``Method.param_groups``)."""
+
+    params: List[torch.nn.Parameter]
+    lr_mult: float = 1.0  # × the step's base lr (train.lr at step 0, train.lr_incremental later)
+    weight_decay: Optional[float] = None  # None: train.weight_decay
+    name: str = ""  # for logs and tests ("encoder", "new_head", …)
+
+
+#: the parts of a Segmenter that :func:`part_groups` names
+MODEL_PARTS = ("encoder", "decoder", "old_heads", "new_head")
+
+
+def part_groups(model: torch.nn.Module, lr_mult: Mapping[str, float],
+                weight_decay: Optional[Mapping[str, Optional[float]]] = None) -> List[ParamGroup]:
+    """One :class:`ParamGroup` per part of a Segmenter (:data:`MODEL_PARTS`): ``encoder``, ``decoder`` (the head
+    module), ``old_heads`` (every classifier head but the last; none at step 0) and ``new_head`` (the last head:
+    the step's own), at ``lr_mult[part]`` (1 when missing) and ``weight_decay[part]`` (None: train.weight_decay).
+    Only parameters with ``requires_grad``; empty parts are left out."""
+    unknown = (set(lr_mult) | set(weight_decay or {})) - set(MODEL_PARTS)
+    if unknown:
+        raise ValueError(f"unknown model parts {sorted(unknown)}; known: {list(MODEL_PARTS)}")
+    heads = list(model.classifier.heads)  # type: ignore[union-attr]
+    parts = {"encoder": [model.encoder], "decoder": [model.head], "old_heads": heads[:-1], "new_head": heads[-1:]}
+    groups = []
+    for name in MODEL_PARTS:
+        params = [p for module in parts[name] for p in module.parameters() if p.requires_grad]  # type: ignore[union-attr]
+        if params:
+            groups.append(ParamGroup(params, float(lr_mult.get(name, 1.0)), (weight_decay or {}).get(name), name))
+    return groups
+
+
+@dataclass
 class NoParams:
     """A method without hyper-parameters."""
 
@@ -136,8 +170,13 @@ class Method:
     #: whether the engine runs the old model's forward every iteration (False: the method reads only the
     #: old model's weights, e.g. EWC/RW/PI, so the frozen copy is kept but never run)
     old_forward: ClassVar[bool] = True
-    #: new-head initialisation: "default" | "background" (MiB) | "unknown" (SSUL)
+    #: new-head initialisation: "default" | "background" (MiB) | "unknown" (SSUL) | "copy" (DKD: every new row
+    #: copies weight and bias of output channel ``head_init_source``)
     head_init: ClassVar[str] = "default"
+    head_init_source: ClassVar[int] = 0
+    #: how ``predict`` maps logits to channels: "argmax" over every channel, or "sigmoid" (implicit background:
+    #: the best of channels ≥ 1, and channel 0 where none has σ > 0.5; channel 0 itself is never predicted)
+    prediction: ClassVar[str] = "argmax"
     #: step-0 recipe: "ce" = plain cross-entropy (shareable across methods); None = the method's own step 0
     step0: ClassVar[Optional[str]] = "ce"
     #: train every class of the task in one step (the joint-training upper bound)
@@ -200,12 +239,34 @@ class Method:
         """After the last iteration of a step, before the step checkpoint is written."""
 
     def predict(self, logits: Tensor) -> Tensor:
-        """(B, K, H, W) logits → (B, H, W) channel predictions."""
+        """(B, K, H, W) logits → (B, H, W) channel predictions, by the declared ``prediction``."""
+        if self.prediction == "sigmoid":
+            return implicit_background_prediction(logits)
         return logits.max(dim=1).indices  # = argmax(1) (first maximum), 2-4x faster on CPU
+
+    def confidence(self, logits: Tensor) -> "tuple[Tensor, Tensor]":
+        """``(scores, channels)``, each ``(B, H, W)``: the predicted channel of every pixel and its probability
+        (softmax for ``prediction = "argmax"``; σ of the best channel ≥ 1 for ``"sigmoid"``). The engine's memory
+        selection pseudo-labels with it (``memory.pseudo_threshold``)."""
+        if self.prediction == "sigmoid":
+            scores, index = torch.sigmoid(logits[:, 1:].float()).max(dim=1)
+            return scores, index + 1
+        return torch.softmax(logits.float(), dim=1).max(dim=1)
 
     def trainable_parameters(self, model: torch.nn.Module, step: int) -> List[torch.nn.Parameter]:
         """Parameters handed to the optimiser (all of them by default)."""
         return [p for p in model.parameters() if p.requires_grad]
+
+    def param_groups(self, model: torch.nn.Module, step: int) -> List[ParamGroup]:
+        """The optimiser's groups at ``step``: one group of :meth:`trainable_parameters` at the base lr and
+        ``train.weight_decay`` by default; :func:`part_groups` builds per-part learning-rate multipliers."""
+        return [ParamGroup(self.trainable_parameters(model, step), name="all")]
+
+    def frozen_at(self, step: int) -> FrozenSet[str]:
+        """What the engine keeps frozen during ``step`` (``sats.models.segmenter.FROZEN_KINDS``): ``"norm"``
+        (BatchNorm statistics in eval mode and their affine parameters out of the optimiser), ``"dropout"``
+        (dropout and stochastic depth off). Nothing by default."""
+        return frozenset()
 
     # -- state that survives resume and is carried to the next step -----------------------------
     def state_dict(self) -> Dict[str, Any]:

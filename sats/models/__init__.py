@@ -2,7 +2,7 @@
 
 from sats.models.classifier import HEAD_INITS, IncrementalClassifier
 from sats.models.config import ModelConfig, as_model_config
-from sats.models.heads import ASPP, SegFormerHead, SimpleHead
+from sats.models.heads import ASPP, SegFormerHead, SimpleHead, TorchvisionASPP
 from sats.models.mit import MIT_VARIANTS, EncoderOutput, MixTransformer, build_mit
 from sats.models.resnet import ResNetEncoder
 from sats.models.segmenter import (
@@ -41,6 +41,7 @@ __all__ = [
     "SegFormerHead",
     "Segmenter",
     "SimpleHead",
+    "TorchvisionASPP",
     "WeightsError",
     "as_model_config",
     "build_encoder",

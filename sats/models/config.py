@@ -14,7 +14,9 @@ from typing import Any, List, Optional
 MIT_BACKBONES = ("mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5", "mit_custom")
 RESNET_BACKBONES = ("resnet50", "resnet101")
 BACKBONES = MIT_BACKBONES + RESNET_BACKBONES
-HEADS = ("simple", "segformer", "aspp")
+HEADS = ("simple", "segformer", "aspp", "aspp_tv")
+DILATION_MODES = ("stage", "torchvision")
+CLASSIFIER_INITS = ("default", "kaiming_normal")
 NORMS = ("bn", "syncbn")
 ACTIVATIONS = ("relu", "leaky_relu")
 OUTPUT_STRIDES = (8, 16)
@@ -38,7 +40,9 @@ class ModelConfig:
         head: decoder; ``simple`` = the reference's simplified all-MLP head (§2.2:
             1×1 convs, nearest upsampling, no BN/activation/dropout), ``segformer``
             = the official SegFormer head (bilinear, BN+ReLU fuse, dropout 0.1),
-            ``aspp`` = DeepLabV3 ASPP on the encoder output (§2.1).
+            ``aspp`` = DeepLabV3 ASPP on the encoder output (§2.1), ``aspp_tv`` = the
+            torchvision-style ASPP of the DKD/STAR code (concatenated pooling branch,
+            BN+ReLU, dropout, an extra 3×3 conv; §2.6).
         decoder_dim: channels of the decoder output fed to the classifier.
         output_stride: ResNet output stride (16: stage 4 dilated; 8: stages 3-4
             dilated); also sets the ASPP dilations (6/12/18 at 16, 12/24/36 at 8).
@@ -46,8 +50,17 @@ class ModelConfig:
             ``bn`` or ``syncbn`` (MiT uses LayerNorm regardless).
         activation: ResNet and ASPP activation: ``relu`` or ``leaky_relu``
             (slope 0.01, what the In-Place-ABN ImageNet checkpoint assumes).
+        dilation_mode: ResNet dilated stages; ``stage`` = every block of a dilated
+            stage uses its dilation (In-Place-ABN/PLOP), ``torchvision`` = the first
+            block keeps the previous stage's dilation (torchvision, DKD/STAR; §2.6).
+        encoder_bn_momentum: BatchNorm momentum of the ResNet encoder (None: PyTorch's
+            0.1; DKD/STAR: 0.01). The head's norms keep 0.1.
+        head_dropout: dropout rate of the ``segformer`` and ``aspp_tv`` heads.
+        classifier_init: weights of every classifier head; ``default`` = PyTorch's conv
+            init, ``kaiming_normal`` = Kaiming-normal (fan in), biases PyTorch's (DKD/STAR).
         drop_path: MiT stochastic-depth rate of the last block (linear from 0).
-        pretrained: local checkpoint file loaded into the encoder, or None.
+        pretrained: local checkpoint file loaded into the encoder, ``builtin:<name>``
+            (weights shipped with the package, `sats.models.builtin`), or None.
         pretrained_format: ``auto`` (detected from the keys), ``mit`` (official
             ``mit_b*.pth``), ``hf`` (Hugging Face SegFormer/MiT), ``torchvision``,
             ``iabn`` (In-Place-ABN ResNet, ``resnet101_iabn_sync.pth.tar``).
@@ -65,6 +78,10 @@ class ModelConfig:
     output_stride: int = 16
     norm: str = "bn"
     activation: str = "leaky_relu"
+    dilation_mode: str = "stage"
+    encoder_bn_momentum: Optional[float] = None
+    head_dropout: float = 0.1
+    classifier_init: str = "default"
     drop_path: float = 0.1
     pretrained: Optional[str] = None
     pretrained_format: str = "auto"
@@ -76,6 +93,12 @@ class ModelConfig:
         _check_choice("norm", self.norm, NORMS)
         _check_choice("activation", self.activation, ACTIVATIONS)
         _check_choice("pretrained_format", self.pretrained_format, PRETRAINED_FORMATS)
+        _check_choice("dilation_mode", self.dilation_mode, DILATION_MODES)
+        _check_choice("classifier_init", self.classifier_init, CLASSIFIER_INITS)
+        if self.encoder_bn_momentum is not None and not 0.0 < self.encoder_bn_momentum <= 1.0:
+            raise ValueError(f"model.encoder_bn_momentum must lie in (0, 1], got {self.encoder_bn_momentum!r}")
+        if not 0.0 <= self.head_dropout < 1.0:
+            raise ValueError(f"model.head_dropout must be in [0, 1), got {self.head_dropout!r}")
         if self.output_stride not in OUTPUT_STRIDES:
             raise ValueError(f"model.output_stride must be one of {OUTPUT_STRIDES}, got {self.output_stride!r}")
         if self.decoder_dim <= 0:

@@ -1,4 +1,5 @@
-"""Decoders: reference simplified SegFormer head, official SegFormer head, DeepLabV3 ASPP.
+"""Decoders: reference simplified SegFormer head, official SegFormer head, DeepLabV3 ASPP (MiB/PLOP and
+torchvision flavours).
 
 Every head maps the 4 encoder feature maps ``[(B, C_s, h_s, w_s)]`` to one
 ``(B, D, h, w)`` feature, the input of the incremental classifier, and exposes
@@ -135,3 +136,45 @@ class ASPP(nn.Module):
         # pad (left, right, top, bottom) so the map is back to (h, w); odd extra goes right/bottom
         pad = ((win_w - 1) // 2, win_w // 2, (win_h - 1) // 2, win_h // 2)
         return F.pad(pooled, pad, mode="replicate")
+
+
+class TorchvisionASPP(nn.Module):
+    """The torchvision-style DeepLabV3 ASPP of the DKD/STAR code (docs/methods.md §2.6).
+
+    Five parallel branches on the last map, each conv (no bias) → BN → ReLU: a 1×1 conv, 3×3 convs with
+    ``dilations``, and image pooling (global mean → 1×1 conv → BN → ReLU → bilinear back to ``h × w``);
+    **concatenated** (5·hidden channels) → 1×1 conv → BN → ReLU → ``Dropout(dropout)`` → 3×3 conv → BN →
+    ReLU. The output ``(B, D, h, w)`` is non-negative. Convs Kaiming-normal (fan in), BN weight 1 / bias 0.
+    """
+
+    def __init__(self, in_channels: int, dim: int = 256, hidden: int = 256,
+                 dilations: tuple[int, int, int] = (6, 12, 18), norm: str = "bn", dropout: float = 0.1) -> None:
+        super().__init__()
+        norm_layer = make_norm(norm)
+        self.out_channels = dim
+
+        def branch(conv: nn.Module) -> nn.Sequential:
+            return nn.Sequential(conv, norm_layer(hidden), nn.ReLU())
+
+        self.branches = nn.ModuleList(
+            [branch(nn.Conv2d(in_channels, hidden, 1, bias=False))]
+            + [branch(nn.Conv2d(in_channels, hidden, 3, padding=d, dilation=d, bias=False)) for d in dilations]
+        )
+        self.pool = branch(nn.Conv2d(in_channels, hidden, 1, bias=False))
+        self.project = nn.Sequential(nn.Conv2d(hidden * 5, dim, 1, bias=False), norm_layer(dim), nn.ReLU(),
+                                     nn.Dropout(dropout))
+        self.last = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1, bias=False), norm_layer(dim), nn.ReLU())
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight)
+            elif isinstance(module, nn.BatchNorm2d | nn.SyncBatchNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        """``features[-1] (B, C, h, w)`` -> ``(B, D, h, w)``, every value ``>= 0``."""
+        x = features[-1]
+        pooled = self.pool(x.mean(dim=(2, 3), keepdim=True))
+        maps = [branch(x) for branch in self.branches]
+        maps.append(F.interpolate(pooled, size=x.shape[-2:], mode="bilinear", align_corners=False))
+        return self.last(self.project(torch.cat(maps, dim=1)))

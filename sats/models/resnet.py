@@ -7,7 +7,9 @@ Parameter names are torchvision's (``conv1``, ``bn1``, ``layer1.0.conv1``,
 Bottleneck v1.5 (stride on the 3×3 conv). Output stride 16: stage 4 has no
 stride and dilation 2; output stride 8: stages 3 and 4 have dilations 2 and 4.
 As in the In-Place-ABN/PLOP ResNet, *every* block of a dilated stage uses that
-stage's dilation (torchvision would give the first block the previous one).
+stage's dilation (``dilation_mode="stage"``); ``dilation_mode="torchvision"`` gives
+the first block the previous stage's dilation, as torchvision (and the DKD/STAR
+code, docs/methods.md §2.6) do.
 The activation (ReLU or LeakyReLU 0.01) follows each BN except the last BN of
 a block, where it comes after the residual addition.
 """
@@ -21,6 +23,7 @@ from sats.models.mit import EncoderOutput
 
 RESNET_LAYERS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
 STAGE_DILATIONS = {16: (1, 1, 1, 2), 8: (1, 1, 2, 4)}
+DILATION_MODES = ("stage", "torchvision")
 LEAKY_SLOPE = 0.01
 ACTIVATIONS = ("relu", "leaky_relu")
 
@@ -87,9 +90,12 @@ class ResNetEncoder(nn.Module):
         output_stride: 16 or 8.
         norm: ``"bn"`` or ``"syncbn"``.
         activation: ``"relu"`` or ``"leaky_relu"``.
+        dilation_mode: ``"stage"`` or ``"torchvision"`` (module docstring).
+        bn_momentum: momentum of every BatchNorm of the encoder (None: PyTorch's 0.1).
     """
 
-    def __init__(self, depth: str = "resnet101", output_stride: int = 16, norm: str = "bn", activation: str = "relu") -> None:
+    def __init__(self, depth: str = "resnet101", output_stride: int = 16, norm: str = "bn", activation: str = "relu",
+                 dilation_mode: str = "stage", bn_momentum: float | None = None) -> None:
         super().__init__()
         if depth not in RESNET_LAYERS:
             raise ValueError(f"unknown ResNet {depth!r}; known: {sorted(RESNET_LAYERS)}")
@@ -97,6 +103,8 @@ class ResNetEncoder(nn.Module):
             raise ValueError(f"ResNet output_stride must be 8 or 16, got {output_stride!r}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+        if dilation_mode not in DILATION_MODES:
+            raise ValueError(f"dilation_mode must be one of {list(DILATION_MODES)}, got {dilation_mode!r}")
         norm_layer = make_norm(norm)
         self.activation = activation
         self.output_stride = output_stride
@@ -105,16 +113,24 @@ class ResNetEncoder(nn.Module):
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         in_channels = 64
         self.out_channels: list[int] = []
+        previous = 1
         for stage, (blocks, dilation) in enumerate(zip(RESNET_LAYERS[depth], STAGE_DILATIONS[output_stride]), start=1):
             width = 64 * 2 ** (stage - 1)
             stride = 2 if stage > 1 and dilation == 1 else 1
+            first = previous if dilation_mode == "torchvision" else dilation
             layer = []
             for index in range(blocks):
-                layer.append(Bottleneck(in_channels, width, stride if index == 0 else 1, dilation, norm_layer, activation))
+                layer.append(Bottleneck(in_channels, width, stride if index == 0 else 1, first if index == 0 else dilation,
+                                        norm_layer, activation))
                 in_channels = width * Bottleneck.expansion
             self.add_module(f"layer{stage}", nn.Sequential(*layer))
             self.out_channels.append(in_channels)
+            previous = dilation
         self._init_weights()
+        if bn_momentum is not None:
+            for module in self.modules():
+                if isinstance(module, nn.BatchNorm2d | nn.SyncBatchNorm):
+                    module.momentum = bn_momentum
 
     def _init_weights(self) -> None:
         for module in self.modules():

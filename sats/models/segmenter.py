@@ -11,13 +11,16 @@ from torch import Tensor, nn
 
 from sats.models.classifier import IncrementalClassifier
 from sats.models.config import ModelConfig, as_model_config
-from sats.models.heads import ASPP, SegFormerHead, SimpleHead
-from sats.models.mit import MixTransformer
+from sats.models.heads import ASPP, SegFormerHead, SimpleHead, TorchvisionASPP
+from sats.models.mit import DropPath, MixTransformer
 from sats.models.resnet import ResNetEncoder
 
 log = logging.getLogger(__name__)
 
 NEEDS = frozenset({"logits_small", "stages", "body", "decoder", "attentions"})
+#: what a method may freeze at a step (``Method.frozen_at``): ``norm`` = every BatchNorm layer (running
+#: statistics in eval mode, affine parameters out of the optimiser), ``dropout`` = dropout and stochastic depth off
+FROZEN_KINDS = frozenset({"norm", "dropout"})
 
 
 @dataclass
@@ -99,16 +102,18 @@ class Segmenter(nn.Module):
             attentions=encoded.attentions if "attentions" in requested else None,
         )
 
-    def add_step(self, num_new: int, init: str = "default") -> None:
-        """Append a classifier head of ``num_new`` channels (``"default"``, ``"background"``, ``"unknown"``)."""
-        self.classifier.add_step(num_new, init)
+    def add_step(self, num_new: int, init: str = "default", source: int = 0) -> None:
+        """Append a classifier head of ``num_new`` channels (``"default"``, ``"background"``, ``"unknown"``,
+        ``"copy"`` of output channel ``source``; `IncrementalClassifier.add_step`)."""
+        self.classifier.add_step(num_new, init, source)
 
 
 def build_encoder(cfg: ModelConfig) -> nn.Module:
     """The encoder of ``cfg`` (random init; see `sats.models.weights` for pretrained weights)."""
     if cfg.is_mit:
         return MixTransformer(**cfg.mit_arch(), mlp_ratio=cfg.mlp_ratio, drop_path=cfg.drop_path)
-    return ResNetEncoder(cfg.backbone, output_stride=cfg.output_stride, norm=cfg.norm, activation=cfg.activation)
+    return ResNetEncoder(cfg.backbone, output_stride=cfg.output_stride, norm=cfg.norm, activation=cfg.activation,
+                         dilation_mode=cfg.dilation_mode, bn_momentum=cfg.encoder_bn_momentum)
 
 
 def build_head(cfg: ModelConfig, in_channels: list[int]) -> nn.Module:
@@ -116,8 +121,11 @@ def build_head(cfg: ModelConfig, in_channels: list[int]) -> nn.Module:
     if cfg.head == "simple":
         return SimpleHead(in_channels, cfg.decoder_dim)
     if cfg.head == "segformer":
-        return SegFormerHead(in_channels, cfg.decoder_dim, norm=cfg.norm)
+        return SegFormerHead(in_channels, cfg.decoder_dim, norm=cfg.norm, dropout=cfg.head_dropout)
     dilations = (6, 12, 18) if cfg.output_stride == 16 else (12, 24, 36)
+    if cfg.head == "aspp_tv":
+        return TorchvisionASPP(in_channels[-1], cfg.decoder_dim, cfg.decoder_dim, dilations, norm=cfg.norm,
+                               dropout=cfg.head_dropout)
     return ASPP(in_channels[-1], cfg.decoder_dim, cfg.decoder_dim, dilations, norm=cfg.norm, activation=cfg.activation)
 
 
@@ -135,8 +143,31 @@ def build_segmenter(cfg: ModelConfig | Mapping[str, Any], head_sizes: list[int])
         report = load_encoder_weights(encoder, cfg.pretrained, cfg.pretrained_format, partial=cfg.partial_load)
         log.info("%s", report)
     head = build_head(cfg, list(encoder.out_channels))
-    classifier = IncrementalClassifier(head.out_channels, list(head_sizes))
+    classifier = IncrementalClassifier(head.out_channels, list(head_sizes), weight_init=cfg.classifier_init)
     return Segmenter(encoder, head, classifier, cfg)
+
+
+def norm_layers(model: nn.Module) -> list[nn.Module]:
+    """Every BatchNorm layer of ``model`` (``BatchNorm*d``, ``SyncBatchNorm``): what ``"norm"`` freezes."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def train_mode(model: nn.Module, frozen: Collection[str] = ()) -> nn.Module:
+    """``model.train()``, then the layers named by ``frozen`` (`FROZEN_KINDS`) back in eval mode: BatchNorm
+    layers for ``"norm"`` (they normalise with, and keep, their running statistics), dropout and stochastic
+    depth for ``"dropout"``. Returns ``model``."""
+    unknown = set(frozen) - FROZEN_KINDS
+    if unknown:
+        raise ValueError(f"unknown frozen kinds {sorted(unknown)}; known: {sorted(FROZEN_KINDS)}")
+    model.train()
+    if "norm" in frozen:
+        for layer in norm_layers(model):
+            layer.eval()
+    if "dropout" in frozen:
+        for layer in model.modules():
+            if isinstance(layer, nn.modules.dropout._DropoutNd | DropPath):
+                layer.eval()
+    return model
 
 
 def frozen_copy(model: Segmenter) -> Segmenter:

@@ -27,7 +27,8 @@ Checkpoints wrapped in ``{"state_dict": …}``, ``{"model": …}`` or
 ``{"module": …}`` are unwrapped, and a leading ``module.`` (DataParallel/DDP) is
 stripped. Every load returns a `LoadReport`; missing encoder keys and
 unexpected (unconverted) checkpoint keys raise unless ``partial=True``; a shape
-mismatch always raises.
+mismatch always raises. ``builtin:<name>`` names weights shipped with the package
+(`sats.models.builtin`): they load through the same path.
 """
 
 import logging
@@ -321,8 +322,13 @@ def load_encoder_state(
 
 
 def load_encoder_weights(encoder: nn.Module, path: str | Path, fmt: str = "auto", partial: bool = False) -> LoadReport:
-    """Read the local checkpoint ``path``, convert it (``fmt`` or detected) and load it into ``encoder``."""
-    return load_encoder_state(encoder, read_checkpoint(path), fmt, partial, source=str(path))
+    """Read the local checkpoint ``path``, convert it (``fmt`` or detected) and load it into ``encoder``.
+
+    ``path`` may name weights shipped with the package, ``builtin:<name>`` (`sats.models.builtin`)."""
+    from sats.models.builtin import resolve_weights
+
+    file, source = resolve_weights(path)
+    return load_encoder_state(encoder, read_checkpoint(file), fmt, partial, source=source)
 
 
 def download_hf_weights(backbone: str, cache_dir: str | Path | None = None, filename: str = "pytorch_model.bin") -> Path:

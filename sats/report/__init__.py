@@ -6,5 +6,5 @@
 * :mod:`sats.report.summary`: ``sats report`` (every table and figure into one folder).
 * :mod:`sats.report.visualize`: ``sats visualize``: image / ground truth / prediction after each step.
 * :mod:`sats.report.tsne`: ``sats visualize --tsne``: decoder features per class (openTSNE, optional).
-* :mod:`sats.report.paper_results`: the paper's published VOC numbers, as data.
+* :mod:`sats.report.paper_results`: published numbers (the SATS paper, the DKD and STAR READMEs), as data.
 """

@@ -1,11 +1,11 @@
-"""Published numbers of the SATS paper (docs/methods.md §5.1), kept as data to compare runs with.
+"""Published numbers, kept as data to compare runs with: the SATS paper's VOC table (docs/methods.md §5.1) and
+the DKD and STAR READMEs (§5.4).
 
-Pascal VOC 2012, overlapped protocol, mIoU (%) after the final step. ``old`` is the mean
-IoU over the step-0 classes **including background** (columns "0-15", "0-5", "0-10"),
-``new`` over every class added later, ``all`` over every class. Rows marked ★ in the
-paper's table (``quoted=True``) are copied there from the original publications, not run
-with the SATS code. ``None`` = "N/A" in the table. ADE20K has no transcribed numbers
-(docs/methods.md §5.2), so nothing here matches an ADE run.
+mIoU (%) after the final step. ``old`` is the mean IoU over the step-0 classes **including background**
+(columns "0-15", "0-5", "0-10"), ``new`` over every class added later, ``all`` over every class. Rows marked ★
+in the SATS table (``quoted=True``) are copied there from the original publications, not run with the SATS
+code. ``None`` = "N/A" in the table, or not published (STAR gives ``all`` only). Every row names its
+``source``; the DKD/STAR rows cover VOC overlapped and disjoint and ADE20K overlapped (class 0 counted in old).
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ class PaperResult:
     new: Optional[float]
     all: Optional[float]
     quoted: bool  # ★: quoted from another publication
+    dataset: str = "voc"
+    overlap: bool = True
+    source: str = SOURCE
+    section: str = "docs/methods.md §5.1"  # where docs/methods.md transcribes it
 
     @property
     def backbone(self) -> Optional[str]:
@@ -116,17 +120,62 @@ VOC_OVERLAPPED: Tuple[PaperResult, ...] = tuple(
 """Every (row, task) cell group of the VOC table; N/A cells have old = new = all = None."""
 
 
+DKD_SOURCE = ("cvlab-yonsei/DKD README (released checkpoints, commit fb4693f): mIoU_all, with old / new derived "
+              "from its hIoU and mIoU_all (docs/methods.md §5.4)")
+STAR_SOURCE = "jinpeng0528/STAR README (released checkpoints, commit 9e31f36): mIoU_all only (docs/methods.md §5.4)"
+
+# (method key, label, dataset, overlap, source, {task: (old, new, all)}): DeepLabV3-ResNet-101 rows.
+_README_ROWS: List[Tuple[str, str, str, bool, str, Dict[str, Tuple[Optional[float], Optional[float], float]]]] = [
+    ("dkd", "DKD", "voc", True, DKD_SOURCE,
+     {"19-1": (77.7, 45.0, 76.13), "15-5": (78.8, 58.6, 73.95), "15-1": (78.4, 45.4, 70.50),
+      "10-1": (72.4, 47.3, 60.43), "5-3": (69.9, 54.6, 58.98)}),
+    ("dkd-m", "DKD-M", "voc", True, DKD_SOURCE,
+     {"19-1": (77.9, 60.6, 77.04), "15-5": (79.1, 61.1, 74.84), "15-1": (78.9, 54.0, 72.95),
+      "10-1": (73.7, 58.0, 66.20), "5-3": (70.2, 60.6, 63.32)}),
+    ("dkd", "DKD", "voc", False, DKD_SOURCE,
+     {"19-1": (77.4, 46.4, 75.90), "15-5": (77.6, 55.0, 72.21), "15-1": (76.8, 41.9, 68.48)}),
+    ("dkd-m", "DKD-M", "voc", False, DKD_SOURCE,
+     {"19-1": (77.7, 59.1, 76.84), "15-5": (77.7, 55.9, 72.53), "15-1": (77.5, 49.4, 70.78)}),
+    ("dkd", "DKD", "ade", True, DKD_SOURCE,
+     {"100-50": (41.9, 22.7, 35.55), "100-10": (41.9, 19.7, 34.53), "50-50": (49.0, 27.0, 34.39)}),
+    ("dkd-m", "DKD-M", "ade", True, DKD_SOURCE,
+     {"100-50": (42.0, 22.7, 35.58), "100-10": (42.0, 20.4, 34.83), "50-50": (48.9, 27.0, 34.39)}),
+    ("star", "STAR", "voc", True, STAR_SOURCE,
+     {"19-1": (None, None, 76.61), "15-5": (None, None, 74.86), "15-1": (None, None, 72.90),
+      "10-1": (None, None, 64.86), "5-3": (None, None, 64.54)}),
+    ("star-m", "STAR-M", "voc", True, STAR_SOURCE,
+     {"19-1": (None, None, 77.02), "15-5": (None, None, 75.80), "15-1": (None, None, 74.03),
+      "10-1": (None, None, 66.60), "5-3": (None, None, 65.65)}),
+    ("star", "STAR", "voc", False, STAR_SOURCE,
+     {"19-1": (None, None, 76.38), "15-5": (None, None, 73.48), "15-1": (None, None, 70.77)}),
+    ("star-m", "STAR-M", "voc", False, STAR_SOURCE,
+     {"19-1": (None, None, 76.73), "15-5": (None, None, 73.79), "15-1": (None, None, 71.18)}),
+    ("star", "STAR", "ade", True, STAR_SOURCE,
+     {"100-50": (None, None, 36.39), "100-10": (None, None, 34.91), "50-50": (None, None, 34.44)}),
+]
+
+README_RESULTS: Tuple[PaperResult, ...] = tuple(
+    PaperResult(method=key, label=label, network="DeepLabV3", task=task, old=old, new=new, all=all_, quoted=False,
+                dataset=dataset, overlap=overlap, source=source, section="docs/methods.md §5.4")
+    for key, label, dataset, overlap, source, cells in _README_ROWS
+    for task, (old, new, all_) in cells.items()
+)
+"""The DKD and STAR README numbers (DeepLabV3-ResNet-101), VOC overlapped / disjoint and ADE20K overlapped."""
+
+PAPER_RESULTS: Tuple[PaperResult, ...] = VOC_OVERLAPPED + README_RESULTS
+"""Every published row a run can be compared with."""
+
+
 def find_paper_result(method: str, backbone: str, task: str, dataset: str = "voc",
                       overlap: bool = True) -> Optional[PaperResult]:
-    """The published row for a run's method key, ``model.backbone`` and task, or None.
+    """The published row for a run's method key, ``model.backbone``, task, dataset and protocol, or None.
 
-    Only VOC overlapped runs with a backbone of the table (``mit_b2`` for SegFormer-B2,
-    ``resnet101`` for DeepLabV3) can match; N/A cells count as no match.
+    The SATS table has VOC overlapped rows for ``mit_b2`` (SegFormer-B2) and ``resnet101`` (DeepLabV3); the
+    DKD / STAR READMEs ``resnet101`` rows on VOC (both protocols) and ADE20K. N/A cells count as no match.
     """
-    if dataset != "voc" or not overlap:
-        return None
-    for row in VOC_OVERLAPPED:
-        if row.method == method and row.backbone == backbone and row.task == task and row.all is not None:
+    for row in PAPER_RESULTS:
+        if (row.method == method and row.backbone == backbone and row.task == task and row.dataset == dataset
+                and row.overlap == overlap and row.all is not None):
             return row
     return None
 

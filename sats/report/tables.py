@@ -95,7 +95,7 @@ class PaperComparison:
 
 
 def paper_matches(runs: Sequence[RunResult]) -> List[PaperComparison]:
-    """Runs that finished and have a published VOC row (same method key, backbone, task, overlapped)."""
+    """Runs that finished and have a published row (same method key, backbone, task, dataset and protocol)."""
     out = []
     for r in runs:
         if not r.finished:
@@ -122,6 +122,8 @@ def paper_markdown(matches: Sequence[PaperComparison]) -> str:
             cells += [_cell(paper), _cell(ours), "–" if delta is None else f"{delta:+.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "★ = quoted in the SATS paper from the original publication (not run with the SATS code)."]
+    sources = sorted({m.paper.source for m in matches})
+    lines += ["", "Sources: " + "; ".join(sources) + "."] if sources else []
     return "\n".join(lines) + "\n"
 
 
@@ -129,11 +131,11 @@ def paper_csv(matches: Sequence[PaperComparison]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["run", "paper_method", "paper_label", "network", "quoted", "task",
-                     "old_paper", "old_ours", "new_paper", "new_ours", "all_paper", "all_ours"])
+                     "old_paper", "old_ours", "new_paper", "new_ours", "all_paper", "all_ours", "source"])
     for m in matches:
         row: List[object] = [m.run.label, m.paper.method, m.paper.label, m.paper.network, m.paper.quoted, m.paper.task]
         for group in ("old", "new", "all"):
             ours = pct(m.run.final(group))
             row += [getattr(m.paper, group), "" if ours is None else repr(round(ours, 6))]
-        writer.writerow(row)
+        writer.writerow([*row, m.paper.source])
     return buf.getvalue()

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from sats.config import ExperimentConfig
-
 from sats.experiment import load_experiment
 from sats.data.tasks import Task
 from sats.engine import results as results_io
