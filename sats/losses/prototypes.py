@@ -141,8 +141,8 @@ def masked_feature_mse(features: Tensor, old_features: Tensor, mask: Tensor) -> 
 
 def prototype_separation(features: Tensor, labels: Tensor, first_channel: int, num_new: int,
                          prototypes: Tensor, min_distance: float = 1e-6) -> Tensor:
-    """SAD: ``(1/|C^t|) Σ_c 1 / min_o ‖u_c − p_o‖`` with ``u_c`` = normalise(Σ ω_c f/‖f‖) the centre of new class
-    ``c`` (``ω_c`` = its mask bilinearly resized to the features) and ``p_o`` the old prototypes ``(F_old, D)``.
+    """SAD: ``(1/|C^t|) Σ_c 1 / min_o ‖u_c − p_o‖`` with ``u_c`` = normalise(Σ ω_c f/‖f‖) the centre of new
+    class ``c`` (``ω_c`` = its mask bilinearly resized to the features) and ``p_o`` the old prototypes ``(F_old, D)``.
     An absent class has ``u_c = 0``: distance 1 to every unit prototype. ``min_distance`` bounds the
     divisor away from 0."""
     if prototypes.shape[0] == 0:

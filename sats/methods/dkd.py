@@ -15,9 +15,10 @@ auxiliary). A pixel is background when no class has σ > 0.5 (``prediction = "si
 
 **Model handling.** New heads copy the auxiliary channel's weight and bias (``head_init = "copy"`` of channel
 0). At t > 0 every BatchNorm is frozen (statistics and affine) and dropout is off (``frozen_at``). Optimiser
-groups (``part_groups``): encoder at the base lr, decoder and classifier heads at ``lr_mult_decoder`` /
-``lr_mult_classifier`` / ``lr_mult_new_head`` (10× each); at t > 0 only the new head keeps ``train.weight_decay``, the rest has
-``incremental_weight_decay`` (0, the reference). Step 0 is DKD's own (key ``dkd-mbce:…``).
+groups (``part_groups``): encoder at the base lr, decoder, old heads and new head at ``lr_mult_decoder`` /
+``lr_mult_classifier`` / ``lr_mult_new_head`` (10× each); at t > 0 only the new head keeps
+``train.weight_decay``, the rest has ``incremental_weight_decay`` (0, the reference). Step 0 is DKD's own (key
+``dkd-mbce:…``).
 """
 
 from __future__ import annotations
