@@ -253,8 +253,20 @@ def _positive(key: str, value: float) -> None:
         raise ConfigError(f"{key}: must be > 0, got {value}")
 
 
+#: config keys that never change a run's results: logging, placement, the machine, process-local settings.
+#: A run directory accepts a change of them, run names leave them out, report seed groups ignore them.
+RESULT_NEUTRAL_KEYS = ("log", "device", "output_dir", "run_dir", "train.threads", "train.log_every",
+                       "train.dist_timeout_s", "data.workers", "data.scan_workers", "data.check", "data.cache_dir")
+
+
 # ----------------------------------------------------------------------------------------------
 # Loading
+#: config keys that never change a run's results: logging, placement, the machine, process-local settings.
+#: A run directory accepts a change of them, run names leave them out, report seed groups ignore them.
+RESULT_NEUTRAL_KEYS = ("log", "device", "output_dir", "run_dir", "train.threads", "train.log_every",
+                       "train.dist_timeout_s", "data.workers", "data.scan_workers", "data.check", "data.cache_dir")
+
+
 # ----------------------------------------------------------------------------------------------
 # Loading
 

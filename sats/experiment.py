@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
-from sats.config import ConfigError, ExperimentConfig, check_finite, config_to_dict, load_config
+from sats.config import (RESULT_NEUTRAL_KEYS, ConfigError, ExperimentConfig, check_finite, config_to_dict,
+                         load_config)
 from sats.io import digest
 from sats.methods import validate_method_config
 from sats.reference_flags import normalise_override
@@ -28,8 +29,7 @@ def load_experiment(path: Optional[str | Path] = None, overrides: Sequence[str] 
 
 #: keys a run's default name leaves out: they name or place the run themselves, or do not change its
 #: results (the engine ignores them too when it compares a run directory's saved config)
-NAME_IGNORED_KEYS = ("name", "run_dir", "output_dir", "log", "device", "train.threads", "train.log_every",
-                     "train.dist_timeout_s", "data.workers", "data.scan_workers", "data.check", "data.cache_dir")
+NAME_IGNORED_KEYS = ("name", *RESULT_NEUTRAL_KEYS)
 _MISSING = object()
 
 

@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from sats.config import ExperimentConfig, config_to_dict, save_config, without_later_defaults
+from sats.config import RESULT_NEUTRAL_KEYS, ExperimentConfig, config_to_dict, save_config, without_later_defaults
 from sats.data.tasks import Task
 from sats.data.fingerprint import file_fingerprints
 from sats.engine.checkpoint import CheckpointError, load_checkpoint, load_state_strict, save_checkpoint, verify_checkpoint
@@ -51,9 +51,7 @@ class RunError(RuntimeError):
 
 
 #: config keys that may change between the starts of one run (logging, machine, paths)
-CONFIG_KEYS_FREE_TO_CHANGE = {"log", "train.threads", "train.log_every", "data.workers", "data.scan_workers",
-                              "data.check", "data.cache_dir", "output_dir", "run_dir", "train.dist_timeout_s",
-                              "device"}  # a run may move between machines (a GPU step, then a CPU one)
+CONFIG_KEYS_FREE_TO_CHANGE = set(RESULT_NEUTRAL_KEYS)  # e.g. device: a run may move between machines
 
 
 class RunDir:

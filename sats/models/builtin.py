@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sats.models.weights import WeightsError
+from sats.models.errors import WeightsError
 
 PREFIX = "builtin:"
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"

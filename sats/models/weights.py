@@ -42,16 +42,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sats.models.builtin import resolve_weights
+from sats.models.errors import WeightsError
+
 log = logging.getLogger(__name__)
 
 FORMATS = ("mit", "hf", "torchvision", "iabn")
 IABN_EPS = 1e-5
 HF_MIT_REPOS = {f"mit_b{i}": f"nvidia/mit-b{i}" for i in range(6)}
 _WRAPPER_KEYS = ("state_dict", "model", "module")
-
-
-class WeightsError(ValueError):
-    """A checkpoint that cannot be read, recognised or matched to the encoder."""
 
 
 @dataclass
@@ -325,8 +324,6 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path, fmt: str = "auto"
     """Read the local checkpoint ``path``, convert it (``fmt`` or detected) and load it into ``encoder``.
 
     ``path`` may name weights shipped with the package, ``builtin:<name>`` (`sats.models.builtin`)."""
-    from sats.models.builtin import resolve_weights
-
     file, source = resolve_weights(path)
     return load_encoder_state(encoder, read_checkpoint(file), fmt, partial, source=source)
 

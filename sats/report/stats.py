@@ -23,12 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from sats.config import RESULT_NEUTRAL_KEYS
 from sats.report.runs import RunResult
 
 #: config keys that may differ between the runs of one seed group (the seed, naming, placement, logging)
-SEED_FREE_KEYS = ("train.seed", "name", "run_dir", "output_dir", "log", "device", "train.threads",
-                  "train.log_every", "train.dist_timeout_s", "data.workers", "data.scan_workers", "data.check",
-                  "data.cache_dir")
+SEED_FREE_KEYS = ("train.seed", "name", *RESULT_NEUTRAL_KEYS)
 GROUPS = ("old", "new", "all", "hiou")
 
 
