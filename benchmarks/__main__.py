@@ -11,6 +11,8 @@ Commands:
 * ``attention``: the SATS attention loss, vectorised vs a per-class loop — :mod:`benchmarks.attention_loss`;
 * ``sdpa``: MiT's attention core, fused SDPA vs the explicit softmax path — :mod:`benchmarks.sdpa`;
 * ``dataloader``: the training data pipeline's images/s per worker on VOC-sized files — :mod:`benchmarks.dataloader`;
+* ``optimizer``: the optimiser step per kernel (``train.optimizer_impl``) — :mod:`benchmarks.optim`;
+* ``scan``: the one-off mask scan (content fingerprints, class presence) at ADE20K's scale — :mod:`benchmarks.scan`;
 * ``all``: cost, scaling, confusion and accuracy with their defaults (long on a CPU).
 
 ``python -m benchmarks COMMAND --help`` lists a command's options. Results go to ``benchmarks/results/``.
@@ -25,7 +27,8 @@ from typing import Any, Optional
 
 
 MODULES = {"cost": "methods", "scaling": "scaling", "accuracy": "accuracy", "confusion": "confusion",
-           "models": "models", "attention": "attention_loss", "sdpa": "sdpa", "dataloader": "dataloader"}
+           "models": "models", "attention": "attention_loss", "sdpa": "sdpa", "dataloader": "dataloader",
+           "scan": "scan", "optimizer": "optim"}
 
 
 def _command(name: str) -> Callable[[Optional[Sequence[str]]], Any]:

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import json
 import os
@@ -92,7 +93,7 @@ from sats.engine.loop import train_iteration as engine_iteration  # noqa: E402
 from sats.engine.optim import (amp_dtype, autocast_factory, build_grad_scaler, build_optimizer,  # noqa: E402
                                build_scheduler, configure_cuda_math, optimizer_groups)
 from sats.io import write_json_atomic, write_text_atomic  # noqa: E402
-from sats.methods import Batch, Method, StepContext, build_method, get_method_class, list_methods  # noqa: E402
+from sats.methods import Batch, Method, StepContext, build_method, list_methods, validate_method_config  # noqa: E402
 from sats.methods.ft import FineTuning  # noqa: E402
 from sats.models import ModelConfig, Segmenter, build_segmenter, frozen_copy  # noqa: E402
 from sats.models.segmenter import train_mode  # noqa: E402
@@ -146,19 +147,21 @@ def model_config(name: str) -> ModelConfig:
     return ModelConfig(backbone=name, head="aspp" if name.startswith("resnet") else "simple")
 
 
-def method_section(name: str, cnn: bool) -> dict[str, Any]:
-    """The validated ``method:`` section of ``name`` from its base config (the ``_deeplab`` one for a CNN)."""
-    candidates = ([METHOD_CONFIGS / f"{name}_deeplab.yaml"] if cnn else []) + [METHOD_CONFIGS / f"{name}.yaml"]
+def method_base(name: str, cnn: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The validated ``method:`` section of ``name`` from its base config (the ``_deeplab`` one for a CNN), and
+    the model keys that file sets (RCIL: ``rc_branches``)."""
+    stem = name.replace("+", "_")  # a base+add-on combination (mib+ewf): configs/_base_/methods/mib_ewf.yaml
+    candidates = ([METHOD_CONFIGS / f"{stem}_deeplab.yaml"] if cnn else []) + [METHOD_CONFIGS / f"{stem}.yaml"]
     for path in candidates:
         if path.is_file():
-            section = load_experiment(path).method
-            if section["name"] != name:
-                raise ValueError(f"{path}: method.name is {section['name']!r}, expected {name!r}")
-            return section
-    get_method_class(name)  # raises with the list of methods if unknown
-    from sats.methods import validate_method_config
+            cfg = load_experiment(path)
+            named = "+".join([cfg.method["name"], *cfg.method.get("addons", [])])
+            if named != name:
+                raise ValueError(f"{path}: method.name is {named!r}, expected {name!r}")
+            defaults = dataclasses.asdict(ModelConfig())
+            return cfg.method, {k: v for k, v in dataclasses.asdict(cfg.model).items() if v != defaults[k]}
+    return validate_method_config({"name": name}), {}  # raises with the list of methods if unknown
 
-    return validate_method_config({"name": name})
 
 
 def step_task(spec: Spec, method: Method) -> tuple[Task, int]:
@@ -306,10 +309,12 @@ class _Bench:
         torch.manual_seed(0)
         self.model_cfg = model_config(spec.backbone)
         cnn = not self.model_cfg.is_mit
-        self.method = build_method(method_section(spec.method, cnn))
+        section, model_keys = method_base(spec.method, cnn)
+        self.model_cfg = dataclasses.replace(self.model_cfg, **model_keys)  # what the method's config sets
+        self.method = build_method(section)
         self.task, self.step = step_task(spec, self.method)
         self.train_cfg = TrainConfig(optimizer=spec.optimizer, amp=spec.amp, epochs=1, warmup_iters=0)
-        self.cfg = ExperimentConfig(model=self.model_cfg, train=self.train_cfg, method=method_section(spec.method, cnn))
+        self.cfg = ExperimentConfig(model=self.model_cfg, train=self.train_cfg, method=section)
         self.amp = amp_dtype(self.train_cfg, self.device)
         configure_cuda_math(self.train_cfg, self.device)
         self.autocast = autocast_factory(self.device, self.amp)
@@ -321,7 +326,7 @@ class _Bench:
     # -- setup --------------------------------------------------------------------------------
     def context(self, step: int, model: Segmenter, old_model: Optional[Segmenter], batch: Batch,
                 passes: Optional[Batch] = None) -> StepContext:
-        def loader(label_table: Any = None) -> Iterable[Batch]:
+        def loader(label_table: Any = None, name: Optional[str] = None) -> Iterable[Batch]:
             return iter([passes or batch])  # the label table is ignored: the batch is already in channels
 
         # fixed digests: caches keyed on them (PLOP/SATS thresholds) land in this process's temporary folder
@@ -641,7 +646,7 @@ def resolve_methods(values: Optional[Sequence[str]]) -> list[str]:
     if not names or names == ["all"]:
         return list_methods()
     for name in names:
-        get_method_class(name)  # raises naming the unknown method and the available ones
+        validate_method_config({"name": name})  # raises naming the unknown method (or add-on) and the available ones
     return names
 
 

@@ -17,6 +17,15 @@ iterations of
   threads summed); on a shared CPU machine it is less disturbed by other
   processes than the wall-clock figures.
 
+Compute: ``forward_gflop`` is the forward's FLOP count (``torch.utils.flop_counter``, one batch); a training
+iteration is taken as 3× that (forward + backward; FlopCounterMode over-counts depth-wise convolutions'
+backward, so the backward is not counted directly), and ``train_gflops`` = that / ``train_ms``: the achieved
+FLOP rate, to set against the machine's peak.
+
+Options (``--options``, each a ``+``-joined set, one row each): ``plain``; ``checkpoint`` (the
+``model.checkpoint_activations`` switch, MiT); ``channels_last`` (``train.channels_last``); ``compile``
+(``torch.compile``, inductor: the first iterations compile, so give it ``--warmup 3`` or more).
+
 Memory (``*_peak_mb``):
 
 * CUDA: ``torch.cuda.max_memory_allocated`` during the phase minus the memory
@@ -71,12 +80,51 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(backbone: str, size: int, attentions: bool, batch: int, iters: int, warmup: int, device: torch.device, amp: bool) -> dict[str, Any]:
+OPTIONS = ("plain", "checkpoint", "channels_last", "compile")
+
+
+def matmul_gflops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+    """The practical fp32 ceiling: the best GFLOP/s of an ``n``×``n`` matrix product (2n³ FLOPs) on this device."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best = 0.0
+    for _ in range(repeats):
+        sync(device)
+        tic = time.perf_counter()
+        a @ b
+        sync(device)
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - tic) / 1e9)
+    return best
+
+
+def forward_gflop(model: torch.nn.Module, x: torch.Tensor, need: set) -> float:
+    """FLOPs of one forward of ``model`` on ``x`` (no grad), in GFLOP."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x, need=need)
+    return counter.get_total_flops() / 1e9
+
+
+def measure(backbone: str, size: int, attentions: bool, batch: int, iters: int, warmup: int, device: torch.device,
+            amp: bool, option: str = "plain") -> dict[str, Any]:
     """Time and memory of one configuration (see the module docstring)."""
+    switches = set(option.split("+"))
+    unknown = switches - set(OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown options {sorted(unknown)}; known: {', '.join(OPTIONS)}")
     torch.manual_seed(0)
     head = "aspp" if backbone.startswith("resnet") else "simple"
-    model = build_segmenter(ModelConfig(backbone=backbone, head=head), [21]).to(device)
+    model = build_segmenter(ModelConfig(backbone=backbone, head=head,
+                                        checkpoint_activations="checkpoint" in switches), [21]).to(device)
     x = torch.randn(batch, 3, size, size, device=device)
+    if "channels_last" in switches:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    gflop = forward_gflop(model, x, {"attentions"} if attentions else set())
+    plain_model = model
+    if "compile" in switches:
+        model = torch.compile(model)
     need = {"attentions"} if attentions else set()
     autocast = torch.autocast(device.type, dtype=torch.float16, enabled=amp)
 
@@ -129,15 +177,18 @@ def measure(backbone: str, size: int, attentions: bool, batch: int, iters: int, 
         "train_cpu_ms": round(train_cpu_ms, 2),
         "forward_peak_mb": round(forward_peak, 1),
         "train_peak_mb": round(train_peak, 1),
-        "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+        "params_m": round(sum(p.numel() for p in plain_model.parameters()) / 1e6, 3),
+        "option": option,
+        "forward_gflop": round(gflop, 4),
+        "train_gflops": round(3 * gflop / (train_ms / 1000), 1),
         "memory_measure": "cuda max_memory_allocated - allocated before" if device.type == "cuda" else "cpu peak RSS growth (getrusage)",
     }
 
 
-def run_isolated(args: argparse.Namespace, backbone: str, size: int, attentions: bool) -> dict[str, Any]:
+def run_isolated(args: argparse.Namespace, backbone: str, size: int, attentions: bool, option: str) -> dict[str, Any]:
     """`measure` in a fresh Python process (CPU: so the peak RSS belongs to this configuration only)."""
     command = [
-        sys.executable, __file__, "--single", backbone, str(size), str(int(attentions)),
+        sys.executable, __file__, "--single", backbone, str(size), str(int(attentions)), "--options", option,
         "--batch", str(args.batch), "--iters", str(args.iters), "--warmup", str(args.warmup),
         "--device", args.device, "--threads", str(args.threads),
     ] + (["--amp"] if args.amp else [])
@@ -145,6 +196,25 @@ def run_isolated(args: argparse.Namespace, backbone: str, size: int, attentions:
     if done.returncode != 0:
         raise RuntimeError(f"benchmark of {backbone} at {size} px failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def models_markdown(payload: dict[str, Any]) -> str:
+    """The rows as a markdown table: time, achieved FLOP rate and peak memory per backbone, size and option."""
+    lines = [f"# Segmenter cost on {payload['device_name']} ({payload['device']}, torch {payload['torch']}, "
+             f"{payload['threads']} thread(s))", "",
+             "Training iteration = forward + backward of one batch (no optimiser step); GFLOP/s = 3 × forward FLOPs "
+             "/ train time. Written by `python -m benchmarks models`.", "",
+             f"The fp32 ceiling measured with the rows (best 2048² matrix product, the same threads): "
+             f"{payload.get('matmul_gflops', '–')} GFLOP/s; `% peak` = train GFLOP/s over it.", "",
+             "| backbone | px | batch | attn | option | forward ms | train ms | fwd GFLOP | train GFLOP/s | % peak | "
+             "train peak MiB |", "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    peak = payload.get("matmul_gflops")
+    for r in payload["results"]:
+        share = f"{100 * r['train_gflops'] / peak:.0f}" if peak and "train_gflops" in r else "–"
+        lines.append(f"| {r['backbone']} | {r['size']} | {r['batch']} | {'yes' if r['attentions'] else 'no'} | "
+                     f"{r.get('option', 'plain')} | {r['forward_ms']} | {r['train_ms']} | {r.get('forward_gflop', '–')} | "
+                     f"{r.get('train_gflops', '–')} | {share} | {r['train_peak_mb']} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--amp", action="store_true", help="float16 autocast (CUDA)")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/models-<device>.json")
+    parser.add_argument("--options", nargs="+", default=["plain"],
+                        help=f"one row per option: {', '.join(OPTIONS)}, or a '+'-joined set (checkpoint+compile)")
     parser.add_argument("--single", nargs=3, metavar=("BACKBONE", "SIZE", "ATTN"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -166,38 +238,49 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.single:
         backbone, size, attn = args.single
-        print(json.dumps(measure(backbone, int(size), bool(int(attn)), args.batch, args.iters, args.warmup, device, args.amp)))
+        print(json.dumps(measure(backbone, int(size), bool(int(attn)), args.batch, args.iters, args.warmup, device,
+                                 args.amp, args.options[0])))
         return 0
 
     out_path = args.out or ROOT / "benchmarks" / "results" / f"models-{device.type}.json"
     previous = json.loads(out_path.read_text())["results"] if out_path.is_file() else []
-    results: dict[tuple, dict[str, Any]] = {(r["backbone"], r["size"], r["attentions"], r["batch"], r["amp"]): r for r in previous}
+    def key(r: dict[str, Any]) -> tuple:
+        return r["backbone"], r["size"], r["attentions"], r["batch"], r["amp"], r.get("option", "plain")
+
+    results: dict[tuple, dict[str, Any]] = {key(r): r for r in previous}
     for backbone in args.backbones:
         modes = [False] if backbone.startswith("resnet") else {"both": [False, True], "on": [True], "off": [False]}[args.attentions]
         for size in args.sizes:
             for attentions in modes:
-                if device.type == "cpu":
-                    row = run_isolated(args, backbone, size, attentions)
-                else:
-                    row = measure(backbone, size, attentions, args.batch, args.iters, args.warmup, device, args.amp)
-                results[(backbone, size, attentions, args.batch, args.amp)] = row
-                print(
-                    f"{backbone:10s} {size:4d}px attn={str(attentions):5s} batch={args.batch} "
-                    f"forward {row['forward_ms']:9.1f} ms  train {row['train_ms']:9.1f} ms  "
-                    f"peak fwd {row['forward_peak_mb']:8.1f} MiB  train {row['train_peak_mb']:8.1f} MiB",
-                    flush=True,
-                )
+                for option in args.options:
+                    if "checkpoint" in option and backbone.startswith("resnet"):
+                        continue  # a MiT switch
+                    if device.type == "cpu":
+                        row = run_isolated(args, backbone, size, attentions, option)
+                    else:
+                        row = measure(backbone, size, attentions, args.batch, args.iters, args.warmup, device,
+                                      args.amp, option)
+                    results[key(row)] = row
+                    print(
+                        f"{backbone:10s} {size:4d}px attn={str(attentions):5s} batch={args.batch} {option:14s} "
+                        f"forward {row['forward_ms']:9.1f} ms  train {row['train_ms']:9.1f} ms "
+                        f"({row['train_gflops']:.1f} GFLOP/s)  peak fwd {row['forward_peak_mb']:8.1f} MiB  "
+                        f"train {row['train_peak_mb']:8.1f} MiB",
+                        flush=True,
+                    )
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     payload = {
+        "matmul_gflops": round(matmul_gflops(device), 1),
         "device": device.type,
         "device_name": device_name,
         "torch": torch.__version__,
         "threads": args.threads,
-        "results": sorted(results.values(), key=lambda r: (r["backbone"], r["size"], r["attentions"], r["batch"], r["amp"])),
+        "results": sorted(results.values(), key=key),
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {out_path}")
+    out_path.with_suffix(".md").write_text(models_markdown(payload))
+    print(f"wrote {out_path} and {out_path.with_suffix('.md')}")
     return 0
 
 

@@ -13,7 +13,9 @@ The SSUL and memory ("-M") files in the same folders are written by hand, not he
 STAR-M. Rows: docs/methods.md §5.1 (VOC overlapped 15-1, 15-5, 5-3, 10-1), the extra baselines of §3 on
 15-5 / 15-1, disjoint variants of 15-5 / 15-1, the ADE20K scripts of §5.2, and DKD / STAR (and their
 memory variants) on every task of their schedule tables (§3.14, §3.15), with the official DeepLab
-(``r101``: the torchvision flavour of §2.6) and with SegFormer MiT-B2 (the official SegFormer head).
+(``r101``: the torchvision flavour of §2.6) and with SegFormer MiT-B2 (the official SegFormer head), and RCIL
+(§3.16) on VOC 15-5 / 15-1 / 10-1 / 5-3 / 19-1 (disjoint 15-5 / 15-1 / 10-1) and ADE 100-50 / 100-10 / 100-5 / 50-50
+(DeepLab as its paper; MiT-B2 our proposal).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from sats.data.tasks import get_task
-from sats.methods import get_method_class
+from sats.methods import build_method
 from sats.report.paper_results import find_paper_result
 
 HERE = Path(__file__).resolve().parent
@@ -52,6 +54,29 @@ SIGMOID_VOC_TASKS = ("19-1", "15-5", "15-1", "10-1", "5-3")
 SIGMOID_VOC_DISJOINT = ("19-1", "15-5", "15-1")
 SIGMOID_ADE_TASKS = ("100-50", "100-10", "50-50")
 
+#: RCIL (docs/methods.md §3.16): its tasks, its VOC schedule (lr 0.02 at step 0), the ADE PCKD factors; on MiT-B2
+#: our proposal (RCIL was published on DeepLab only)
+RCIL_VOC_TASKS = ("15-5", "15-1", "10-1", "5-3", "19-1")
+RCIL_VOC_DISJOINT = ("15-5", "15-1", "10-1")
+RCIL_ADE_TASKS = ("100-50", "100-10", "100-5", "50-50")
+BACKBONE_NOTES = {("rcil", "mit-b2"): "RCIL on MiT-B2 is our proposal (docs/methods.md §3.16): twin Mix-FFN depth-wise "
+                                      "and fuse convs; factors tuned on DeepLab."}
+
+#: add-on combinations (docs/methods.md §3.17-§3.18), named ``base+addon``: base file ``base_addon[_ade].yaml``
+#: (the ``_ade`` one when it exists); their rows: the tasks of the add-on's tables
+ADDON_VOC_TASKS = ("15-1", "10-1", "19-1", "5-3", "15-5")
+ADDON_ROWS = {
+    "mib+ewf": {"voc": ADDON_VOC_TASKS, "ade": ("100-50", "100-10", "100-5")},
+    "plop+ewf": {"voc": ADDON_VOC_TASKS},
+    "sats+ewf": {"voc": ("15-1", "15-5", "10-1", "5-3")},  # SATS + EWF: not published (our row)
+    "mib+nest": {"voc": ("15-5", "15-1", "10-1", "19-1"), "ade": ("100-50", "100-10", "100-5", "50-50")},
+    "plop+nest": {"voc": ("15-5", "15-1", "10-1", "19-1"), "ade": ("100-50", "100-10", "100-5", "50-50")},
+    "sats+nest": {"voc": ("15-5", "15-1", "10-1", "19-1")},  # SATS + NeST: not published (our row)
+}
+ADDON_BASES = {("mib+ewf", "ade", "100-50"): "mib_ewf.yaml"}  # EWF's ADE 100-50 script keeps λ_kd = 10
+#: ``train`` keys of single rows: NeST's VOC 10-1 scripts train 10 epochs per incremental step (docs/methods.md §3.18)
+ROW_TRAIN = {(method, "voc", "10-1"): {"epochs_incremental": 10} for method in ("mib+nest", "plop+nest")}
+
 
 @dataclass(frozen=True)
 class Row:
@@ -74,6 +99,8 @@ class Row:
         return BACKBONES[self.backbone][0]
 
     def schedule_base(self) -> str:
+        if self.method == "rcil" and self.dataset == "voc":
+            return "rcil_voc.yaml"
         return f"{self.method}_{self.dataset}.yaml" if self.method in SIGMOID_METHODS else f"{self.dataset}.yaml"
 
     def memory_base(self) -> Optional[str]:
@@ -83,12 +110,20 @@ class Row:
         """The ``_base_/methods`` file, or None for methods without hyper-parameters (ft, joint)."""
         if self.method in ("ft", "joint"):
             return None
+        if "+" in self.method:
+            stem = self.method.replace("+", "_")
+            if (self.method, self.dataset, self.task) in ADDON_BASES:
+                return ADDON_BASES[(self.method, self.dataset, self.task)]
+            ade = HERE / "_base_" / "methods" / f"{stem}_ade.yaml"
+            return ade.name if self.dataset == "ade" and ade.is_file() else f"{stem}.yaml"
         if self.method in SIGMOID_METHODS:
             return f"{self.method}_ade.yaml" if self.dataset == "ade" else f"{self.method}.yaml"
         if self.method == "sats":
             if self.backbone == "r101":
                 return "sats_deeplab.yaml"
             return "sats_ade-30.yaml" if self.dataset == "ade" and self.task in ADE_LAMBDA_SAT_30 else "sats.yaml"
+        if self.method == "rcil" and self.dataset == "ade":
+            return "rcil_ade.yaml"
         if self.method == "plop" and self.dataset == "ade" and self.backbone == "r101":
             return "plop_ade_deeplab.yaml"
         return f"{self.method}.yaml"
@@ -109,6 +144,8 @@ def voc_rows() -> List[Row]:
             for memory in (False, True):
                 rows += [Row(method, backbone, "voc", t, memory=memory) for t in SIGMOID_VOC_TASKS]
                 rows += [Row(method, backbone, "voc", t, overlap=False, memory=memory) for t in SIGMOID_VOC_DISJOINT]
+    rows += [Row("rcil", b, "voc", t) for b in BACKBONES for t in RCIL_VOC_TASKS]
+    rows += [Row("rcil", b, "voc", t, overlap=False) for b in BACKBONES for t in RCIL_VOC_DISJOINT]
     return rows
 
 
@@ -121,11 +158,19 @@ def ade_rows() -> List[Row]:
     rows += [Row("dkd", b, "ade", t, memory=memory) for b in BACKBONES for memory in (False, True)
              for t in SIGMOID_ADE_TASKS]
     rows += [Row("star", b, "ade", t) for b in BACKBONES for t in SIGMOID_ADE_TASKS]  # no STAR-M on ADE
+    rows += [Row("rcil", b, "ade", t) for b in BACKBONES for t in RCIL_ADE_TASKS]
     return rows
 
 
+def addon_rows() -> List[Row]:
+    """Add-on combinations on DeepLabV3-R101 (the add-ons' papers) and SegFormer MiT-B2."""
+    return [Row(method, backbone, dataset, task) for method, tables in ADDON_ROWS.items()
+            for dataset, tasks in tables.items() for backbone in BACKBONES for task in tasks
+            if not (method.startswith("sats+") and backbone == "r101")]
+
+
 def all_rows() -> List[Row]:
-    return voc_rows() + ade_rows()
+    return voc_rows() + ade_rows() + addon_rows()
 
 
 def _published(row: Row) -> str:
@@ -149,7 +194,7 @@ def render(row: Row) -> str:
     steps = get_task(row.dataset, row.task).num_steps
     what = ("every class in one step, reported with the task's old/new groups" if row.method == "joint"
             else f"{steps} steps")
-    label = get_method_class(row.method).label + ("-M" if row.memory else "")
+    label = build_method({"name": row.method}).label + ("-M" if row.memory else "")
     lines = [f"# {label}, {model_desc}, {row.dataset.upper()} {row.task} ({protocol}; {what})." + _published(row),
              "# Generated by configs/generate.py: edit the generator, then run it.",
              "_base_:",
@@ -159,6 +204,8 @@ def render(row: Row) -> str:
     base = row.method_base()
     if base in NOTES:
         lines.insert(1, f"# {NOTES[base]}")
+    if (row.method, row.backbone) in BACKBONE_NOTES:
+        lines.insert(1, f"# {BACKBONE_NOTES[(row.method, row.backbone)]}")
     if base is not None:
         lines.append(f"  - ../_base_/methods/{base}")
     if row.memory_base() is not None:
@@ -166,6 +213,9 @@ def render(row: Row) -> str:
     lines += [f"name: {row.stem}", "data:", f"  task: \"{row.task}\""]
     if not row.overlap:
         lines.append("  overlap: false")
+    train = ROW_TRAIN.get((row.method, row.dataset, row.task), {})
+    if train:
+        lines += ["train:", *(f"  {key}: {value}" for key, value in train.items())]
     if base is None:
         lines += ["method:", f"  name: {row.method}"]
     return "\n".join(lines) + "\n"

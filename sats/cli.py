@@ -213,11 +213,15 @@ def _task_table(dataset: str) -> str:
 
 def cmd_list(args: argparse.Namespace, extra: Sequence[str]) -> int:
     if args.what == "methods":
-        from sats.methods import iter_methods
+        from sats.methods import get_addon_class, iter_methods, list_addons
 
         for cls in iter_methods():
             doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
             print(f"{cls.name:10s} {cls.label:15s} {doc}")
+        print("\nadd-ons, for any method (--method MiB+EWF, or method.addons: [ewf]):")
+        for addon in map(get_addon_class, list_addons()):
+            doc = (addon.__doc__ or "").strip().splitlines()[0] if addon.__doc__ else ""
+            print(f"{addon.name:10s} {addon.label:15s} {doc}")
     elif args.what == "tasks":
         from sats.config import ConfigError
         from sats.data.tasks import get_task, list_tasks
@@ -342,6 +346,31 @@ def cmd_weights(args: argparse.Namespace, extra: Sequence[str]) -> int:
         result = zoo.check_weights(args.name, args.file, args.format)
     print(result.summary())
     return 0 if result.clean else 1
+
+
+def cmd_hub(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from sats import hub
+
+    if extra:
+        print(f"sats: error: sats hub {args.action}: unrecognised arguments: {' '.join(extra)}", file=sys.stderr)
+        return 2
+    try:
+        if args.action == "export":
+            steps = hub.export_run(Path(args.source), Path(args.target))
+            print(f"exported steps {steps} of {args.source} to {args.target} (upload it with sats hub push)")
+        elif args.action == "push":
+            url = hub.push(Path(args.source), args.target, private=args.private, token=args.token)
+            print(f"published {args.source} at {url}")
+        else:
+            steps = hub.pull(args.source, Path(args.target), revision=args.revision, token=args.token)
+            print(f"rebuilt {args.target} (steps {steps}); re-test it with: sats test {args.target}")
+            if args.test:
+                from sats.engine.evaluation import retest_run
+
+                return 0 if retest_run(Path(args.target)) else 1
+    except hub.HubError as exc:
+        return _user_error(exc)
+    return 0
 
 
 def _user_error(exc: Exception) -> int:
@@ -535,6 +564,19 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--force", action="store_true", help="get: download again; convert: replace the output")
     _add_verbose(w)
     w.set_defaults(func=cmd_weights)
+
+    hb = sub.add_parser("hub", help="publish a run's checkpoints on the Hugging Face Hub, or get one back",
+                        description="push RUN_DIR USER/REPO | pull USER/REPO DIR [--test] | export RUN_DIR FOLDER "
+                                    "(the folder push uploads: safetensors, JSON, config, results, model card)")
+    hb.add_argument("action", choices=["push", "pull", "export"])
+    hb.add_argument("source", help="push/export: the run directory; pull: the Hub repository (USER/REPO)")
+    hb.add_argument("target", help="push: the Hub repository; pull: the new run directory; export: a folder")
+    hb.add_argument("--private", action="store_true", help="push: create the repository as private")
+    hb.add_argument("--revision", default=None, help="pull: a branch, tag or commit of the repository")
+    hb.add_argument("--token", default=None, help="Hub token (default: the logged-in one, HF_TOKEN)")
+    hb.add_argument("--test", action="store_true", help="pull: re-test the rebuilt run at once (sats test)")
+    _add_verbose(hb)
+    hb.set_defaults(func=cmd_hub)
 
     r = sub.add_parser("report", help="tables (markdown, CSV) and figures across run directories")
     r.add_argument("run_dirs", nargs="+", help="run directories (each with a results.json)")

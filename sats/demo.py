@@ -45,11 +45,23 @@ QUICK_OVERRIDES = ["train.epochs=1", "train.epochs_incremental=1", "data.synthet
 
 
 def configs_dir() -> Path:
-    """The project's ``configs/`` folder (next to the package in a source checkout)."""
-    here = Path(__file__).resolve().parent.parent / "configs"
-    if not here.is_dir():
-        raise ConfigError(f"configs folder not found at {here}; run from a source checkout of sats")
+    """The project's configs: ``sats/_configs`` (in a source checkout a link to ``configs/``; in an installed
+    wheel a copy of it, so ``sats demo`` runs from a wheel too)."""
+    here = Path(__file__).parent / "_configs"
+    if not (here / "demo").is_dir():
+        raise ConfigError(f"configs folder not found at {here}: the installation is incomplete (reinstall sats)")
     return here
+
+
+def _label(name: str) -> str:
+    """The display label of a demo entry that TITLES does not name: its method's (``mib+ewf`` → MiB+EWF), or
+    the entry itself (a config name such as ``dkd-m``)."""
+    from sats.methods import build_method
+
+    try:
+        return build_method({"name": name}).label
+    except (ConfigError, ValueError):
+        return name
 
 
 def default_output(from_scratch: bool, quick: bool = False) -> Path:
@@ -66,7 +78,7 @@ def run_demo(output: Optional[Path] = None, methods: Optional[Sequence[str]] = N
 
     output = Path(output) if output is not None else default_output(from_scratch, quick)
     methods, tasks = list(methods or DEMO_METHODS), list(tasks or DEMO_TASKS)
-    paths = {name: configs_dir() / "demo" / f"{name}.yaml" for name in methods}
+    paths = {name: configs_dir() / "demo" / f"{name.replace('+', '_')}.yaml" for name in methods}  # mib+ewf
     for name, path in paths.items():
         if not path.exists():
             raise ConfigError(f"no demo config for method {name!r} ({path})")
@@ -105,7 +117,7 @@ def run_demo(output: Optional[Path] = None, methods: Optional[Sequence[str]] = N
     plots = []
     for task, by_method in runs.items():
         for name, run in by_method.items():
-            run.label = PLOT_LABELS.get(name, name)
+            run.label = PLOT_LABELS.get(name) or _label(name)
         plots.append(plot_step_curves(list(by_method.values()), output / f"miou_per_step_{task}.png"))
     print(f"results: {output}/summary.md, plots: {', '.join(str(p) for p in plots)}")
     return {task: {name: run.rows for name, run in by_method.items()} for task, by_method in runs.items()}
@@ -120,12 +132,12 @@ def demo_table(runs: Dict[str, Dict[str, RunResult]], seconds: Dict[str, float],
              "old = step-0 classes 0-15 (background included), new = 16-20.", "",
              "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for name in methods:
-        cells = [TITLES.get(name, name)]
+        cells = [TITLES.get(name) or _label(name)]
         for task in tasks:
             run = runs[task][name]
             cells += ["–" if run.final(g) is None else f"{100 * run.final(g):.1f}" for g in ("old", "new", "all")]
         lines.append("| " + " | ".join(cells + [format_seconds(seconds[name])]) + " |")
-    single = [TITLES.get(name, name) for name in methods if name in SINGLE_RUN]
+    single = [TITLES.get(name) or _label(name) for name in methods if name in SINGLE_RUN]
     if single and len(tasks) > 1:
         lines += ["", f"({', '.join(single)}: one run, every class in one step, scored with each task's groups.)"]
     return "\n".join(lines) + "\n"

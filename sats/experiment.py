@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Sequence
 from sats.config import (RESULT_NEUTRAL_KEYS, ConfigError, ExperimentConfig, check_finite, config_to_dict,
                          load_config)
 from sats.io import digest
-from sats.methods import validate_method_config
+from sats.methods import build_method, validate_method_config
 from sats.reference_flags import normalise_override
 
 
@@ -24,6 +24,10 @@ def load_experiment(path: Optional[str | Path] = None, overrides: Sequence[str] 
     cfg = load_config(path, [normalise_override(o) if "=" in o else o for o in overrides])
     cfg.method = validate_method_config(cfg.method)
     check_finite(config_to_dict(cfg))
+    try:
+        build_method(cfg.method).check_experiment(cfg)
+    except ValueError as exc:
+        raise ConfigError(f"method {cfg.method['name']!r}: {exc}") from exc
     return cfg
 
 

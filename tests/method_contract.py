@@ -41,7 +41,7 @@ from sats.experiment import load_experiment
 from sats.engine.checkpoint import load_checkpoint
 from sats.engine.runner import Runner
 from sats.engine.signals import RunInterrupted
-from sats.methods import Method, build_method, get_method_class
+from sats.methods import Method, build_method
 from sats.models.segmenter import ModelOutput
 
 #: every field of the model's output; ``logits`` are always there
@@ -126,7 +126,7 @@ def result_numbers(rows: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
 class MethodContract:
     """The checks every method passes; a subclass per method sets :attr:`method` and what is particular to it."""
 
-    #: registered method name (``method.name``)
+    #: registered method name (``method.name``), with its add-ons after ``+`` (``mib+ewf``)
     method: ClassVar[str] = ""
     #: config file under ``configs/`` (default ``demo/<method>.yaml``)
     config: ClassVar[Optional[str]] = None
@@ -179,7 +179,7 @@ class MethodContract:
     # -- the checks ----------------------------------------------------------------------------------
     def check_two_steps(self, reference: RunRecord) -> None:
         """Every step trained and evaluated; its per-epoch losses finite and named."""
-        method = get_method_class(self.method)
+        method = build_method(reference.cfg.method)
         rows, cfg = reference.rows, reference.cfg
         num_steps = 1 if method.joint else 2  # the tiny task: 15-5
         assert [r["step"] for r in rows] == list(range(num_steps))

@@ -85,3 +85,31 @@ def test_accuracy_summary_over_seeds():
     s = summarize_seeds(entries)
     assert s["seeds"] == 2 and s["old"] == pytest.approx(0.6) and s["old_std"] == pytest.approx(0.1414213, rel=1e-5)
     assert s["avg_new"] == pytest.approx(0.1) and s["avg_new_std"] == 0.0 and s["seconds"] == 15.0
+
+
+def test_models_benchmark_reports_flop_rate_per_option(tmp_path):
+    from benchmarks.models import main as models_main
+
+    out = tmp_path / "models.json"
+    assert models_main(["--backbones", "mit_b0", "--sizes", "32", "--attentions", "off", "--iters", "1",
+                        "--warmup", "0", "--threads", "1", "--options", "plain", "checkpoint", "--out", str(out)]) == 0
+    rows = {r["option"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"plain", "checkpoint"}
+    plain = rows["plain"]
+    assert plain["forward_gflop"] > 0 and rows["checkpoint"]["forward_gflop"] == plain["forward_gflop"]
+    rate = 3 * plain["forward_gflop"] / (plain["train_ms"] / 1000)
+    assert plain["train_gflops"] == pytest.approx(rate, rel=0.02, abs=0.06)  # rounded to 0.1
+    assert "| mit_b0 | 32 | 2 | no | checkpoint |" in out.with_suffix(".md").read_text()
+
+
+def test_scan_and_optimizer_benchmarks_write_their_tables(tmp_path):
+    from benchmarks.optim import main as optim_main
+    from benchmarks.scan import main as scan_main
+
+    scan = scan_main(["--num", "12", "--workers", "1", "2", "--out", str(tmp_path / "scan.json")])
+    assert [r["workers"] for r in scan["rows"]] == [1, 2] and all(r["masks"] == 12 for r in scan["rows"])
+    assert (tmp_path / "scan.md").read_text().count("\n| ") == 3  # header + 2 rows
+    optim = optim_main(["--backbone", "mit_custom", "--optimizers", "sgd", "--iters", "1",
+                        "--out", str(tmp_path / "optimizer.json")])
+    assert [r["kernel"] for r in optim["results"]] == ["loop", "foreach", "fused", "auto"]
+    assert all(r["step_ms"] > 0 for r in optim["results"])

@@ -16,7 +16,7 @@ from sats.data.tasks import get_task
 from sats.report.paper_results import VOC_OVERLAPPED
 
 FILES = sorted((CONFIGS / "voc").glob("*.yaml")) + sorted((CONFIGS / "ade").glob("*.yaml"))
-NAME = re.compile(r"^(?P<method>[a-z0-9-]+)_(?P<backbone>mit-b[0-5]|r50|r101)_(?P<dataset>voc|ade)-"
+NAME = re.compile(r"^(?P<method>[a-z0-9-]+(?:\+[a-z0-9-]+)*)_(?P<backbone>mit-b[0-5]|r50|r101)_(?P<dataset>voc|ade)-"
                   r"(?P<task>\d+-\d+)(?P<disjoint>_disjoint)?$")
 BACKBONE_TOKENS = {"r50": "resnet50", "r101": "resnet101", **{f"mit-b{i}": f"mit_b{i}" for i in range(6)}}
 PAPER_ONLY = {"sdr", "recall", "st_cil"}  # methods of the paper's table that sats does not implement
@@ -127,3 +127,37 @@ def test_dkd_and_star_rows_use_their_own_model_schedule_and_memory():
     assert not (ade / "star-m_r101_ade-100-10.yaml").exists()  # STAR-M is VOC only
     disjoint = _load(voc / "star_mit-b2_voc-19-1_disjoint.yaml")
     assert not disjoint.data.overlap and disjoint.data.task == "19-1"
+
+
+def test_nest_rows_follow_the_released_scripts():
+    """MiB / PLOP + NeST files (docs/methods.md §3.18): step-0 lr 0.02, λ_kd 10, PLOP's original settings with the old
+    heads frozen on VOC only, the ADE pre-tuning (15 epochs at 500× the lr) and POD factors, 10 epochs per incremental
+    step on VOC 10-1; SATS + NeST keeps SATS's own schedule (shared step 0)."""
+    voc, ade = CONFIGS / "voc", CONFIGS / "ade"
+    mib = _load(voc / "mib+nest_r101_voc-15-1.yaml")
+    nest = mib.method["nest"]
+    assert mib.method_name == "mib+nest" and mib.method["lambda_kd"] == 10.0
+    assert (mib.train.lr, mib.train.lr_incremental, mib.train.epochs_at(1)) == (0.02, 0.001, 30)
+    assert (nest["pretune_epochs"], nest["pretune_lr_scale"], nest["freeze_old_heads"]) == (5, 1.0, False)
+    assert (nest["bias_init"], nest["scheduler_off_by_one"], nest["label_resize"]) == ("background", False, "nearest")
+    assert _load(voc / "mib+nest_mit-b2_voc-10-1.yaml").train.epochs_at(1) == 10
+    plop = _load(voc / "plop+nest_r101_voc-10-1.yaml")
+    assert plop.train.epochs_at(1) == 10 and plop.train.lr == 0.02 and plop.method["nest"]["freeze_old_heads"]
+    assert (plop.method["threshold_mode"], plop.method["threshold_pixels"], plop.method["adaptive_factor"]) == (
+        "reference", "label0", True)
+    assert (plop.method["pod_factor"], plop.method["pod_logits_factor"]) == (0.01, 0.0005)
+    plop_ade = _load(ade / "plop+nest_mit-b2_ade-100-5.yaml").method
+    assert (plop_ade["pod_factor"], plop_ade["pod_logits_factor"]) == (0.001, 0.00001)
+    assert (plop_ade["nest"]["pretune_epochs"], plop_ade["nest"]["pretune_lr_scale"]) == (15, 500.0)
+    assert not plop_ade["nest"]["freeze_old_heads"]
+    mib_ade = _load(ade / "mib+nest_r101_ade-50-50.yaml")
+    assert (mib_ade.method["nest"]["pretune_epochs"], mib_ade.method["nest"]["pretune_lr_scale"]) == (15, 500.0)
+    assert (mib_ade.method["lambda_kd"], mib_ade.train.lr, mib_ade.train.epochs) == (10.0, 0.02, 60)
+    sats = _load(voc / "sats+nest_mit-b2_voc-10-1.yaml")
+    assert (sats.train.lr, sats.train.epochs_at(1), sats.method["nest"]["pretune_epochs"]) == (0.01, 30, 5)
+    assert not (voc / "sats+nest_r101_voc-15-1.yaml").exists()
+    from sats.report.paper_results import POST_2022_RESULTS
+
+    published = [r for r in POST_2022_RESULTS if r.method.endswith("+nest")]
+    assert len(published) == 8 and all(
+        (CONFIGS / r.dataset / f"{r.method}_r101_{r.dataset}-{r.task}.yaml").is_file() for r in published)

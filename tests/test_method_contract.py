@@ -16,7 +16,7 @@ from typing import Dict
 import pytest
 
 from method_contract import CONTRACTS, MethodContract, RunRecord, UndeclaredOutputError
-from sats.methods import iter_methods
+from sats.methods import iter_methods, list_addons
 
 SATS_METHODS = [cls.name for cls in iter_methods() if cls.__module__.startswith("sats.")]
 CE, CE_ONLY = frozenset({"ce"}), (frozenset({"ce"}), frozenset({"ce"}))
@@ -93,6 +93,35 @@ class STARContract(MethodContract):
     terms = (frozenset({"mbce"}), frozenset({"mbce", "ocfm", "sad"}))
 
 
+class RCILContract(MethodContract):
+    method = "rcil"  # configs/demo/rcil.yaml sets model.rc_branches
+    terms = (CE, frozenset({"unce", "unkd", "pckd_spatial", "pckd_channel"}))
+
+
+class MiBEWFContract(MethodContract):
+    method = "mib+ewf"
+    config = "demo/mib_ewf.yaml"
+    terms = (CE, frozenset({"unce", "unkd"}))  # EWF adds no loss term
+
+
+class SATSEWFContract(MethodContract):
+    method = "sats+ewf"
+    config = "demo/sats_ewf.yaml"
+    terms = (CE, frozenset({"ce", "unkd", "sat"}))
+
+
+class MiBNeSTContract(MethodContract):
+    method = "mib+nest"
+    config = "demo/mib_nest.yaml"
+    overrides = {"method.nest.pretune_epochs": 2}
+    terms = (CE, frozenset({"unce", "unkd"}))  # NeST adds no loss term: it pre-tunes the new head in begin_step
+
+
+#: base+add-on combinations with a contract (every add-on has at least one, see the test below)
+COMBINATIONS = sorted(name for name in CONTRACTS if "+" in name)
+CHECKED = SATS_METHODS + COMBINATIONS
+
+
 class _References:
     """One uninterrupted reference run per method, shared by the checks of this module."""
 
@@ -115,30 +144,32 @@ def test_every_method_file_has_a_contract_and_a_label():
     assert SATS_METHODS, "no method registered"
     missing = [name for name in SATS_METHODS if name not in CONTRACTS]
     assert not missing, f"methods without a MethodContract subclass in tests/test_method_contract.py: {missing}"
-    assert set(CONTRACTS) <= set(SATS_METHODS), f"contracts of unregistered methods: {set(CONTRACTS) - set(SATS_METHODS)}"
+    assert set(CONTRACTS) <= set(CHECKED), f"contracts of unregistered methods: {set(CONTRACTS) - set(CHECKED)}"
+    untested = set(list_addons()) - {addon for name in COMBINATIONS for addon in name.split("+")[1:]}
+    assert not untested, f"add-ons without a base+add-on contract subclass: {sorted(untested)}"
     labels: Dict[str, str] = {cls.name: vars(cls).get("label", "") for cls in iter_methods() if cls.name in SATS_METHODS}
     assert all(labels.values()), f"methods without their own `label`: {[n for n, v in labels.items() if not v]}"
     assert len(set(labels.values())) == len(labels), f"two methods share a label: {labels}"
 
 
-@pytest.mark.parametrize("name", SATS_METHODS)
+@pytest.mark.parametrize("name", CHECKED)
 def test_two_steps_end_to_end_with_finite_named_losses(name, references):
     MethodContract.for_method(name).check_two_steps(references(name))
 
 
-@pytest.mark.parametrize("name", SATS_METHODS)
+@pytest.mark.parametrize("name", CHECKED)
 def test_loss_reads_exactly_the_declared_model_outputs(name, tiny_synthetic, tmp_path):
     contract = MethodContract.for_method(name)
     for i, variant in enumerate([{}, *contract.output_variants]):
         contract.check_declared_outputs(tiny_synthetic, tmp_path / f"variant{i}", variant)
 
 
-@pytest.mark.parametrize("name", SATS_METHODS)
+@pytest.mark.parametrize("name", CHECKED)
 def test_state_dict_round_trip(name, references):
     MethodContract.for_method(name).check_state_round_trip(references(name))
 
 
-@pytest.mark.parametrize("name", SATS_METHODS)
+@pytest.mark.parametrize("name", CHECKED)
 def test_resume_in_the_middle_of_the_last_step_is_identical(name, references, tiny_synthetic, tmp_path):
     MethodContract.for_method(name).check_resume_mid_step(references(name), tiny_synthetic, tmp_path)
 

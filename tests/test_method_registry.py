@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 
 import sats.methods
-from sats.methods import base, discover_methods, get_method_class, iter_methods, list_methods
+from sats.methods import (base, discover_methods, get_addon_class, get_method_class, iter_methods, list_addons,
+                          list_methods)
 from sats.report.paper_results import PAPER_RESULTS
 
 METHODS_DIR = Path(sats.methods.__file__).parent
 FILES = sorted(p.stem for p in METHODS_DIR.glob("*.py") if p.stem != "__init__")
+CONTRACTS = ("base", "addon")  # the method and add-on contracts: they register nothing
 
 
 def test_a_method_file_dropped_into_a_package_is_discovered_and_registered(tmp_path, monkeypatch):
@@ -50,13 +52,13 @@ def test_a_method_file_dropped_into_a_package_is_discovered_and_registered(tmp_p
 def test_every_file_of_sats_methods_is_imported_and_every_method_file_registers_its_methods():
     assert sorted(m.rsplit(".", 1)[1] for m in sats.methods.MODULES) == FILES
     registered = {}
-    for cls in iter_methods():
+    for cls in [*iter_methods(), *(get_addon_class(name) for name in list_addons())]:
         registered.setdefault(cls.__module__, []).append(cls.name)
     for stem in FILES:
         assert f"sats.methods.{stem}" in sys.modules, stem
-        if stem != "base" and not stem.startswith("_"):  # a method file: registers at least one method
-            assert registered.get(f"sats.methods.{stem}"), f"sats/methods/{stem}.py registers no method"
-    frames = [stem for stem in FILES if stem == "base" or stem.startswith("_")]
+        if stem not in CONTRACTS and not stem.startswith("_"):  # a method file: registers a method or an add-on
+            assert registered.get(f"sats.methods.{stem}"), f"sats/methods/{stem}.py registers no method or add-on"
+    frames = [stem for stem in FILES if stem in CONTRACTS or stem.startswith("_")]
     assert not [m for m in registered if m.rsplit(".", 1)[-1] in frames], "a shared frame registers a method"
 
 
@@ -74,7 +76,7 @@ def test_method_modules_import_no_sibling_method_no_engine_no_process_group(stem
         elif isinstance(node, ast.Import):
             imported.update(alias.name for alias in node.names)
     siblings = {m for m in imported if m.startswith("sats.methods.")
-                and not (m == "sats.methods.base" or m.rsplit(".", 1)[1].startswith("_"))}
+                and not (m.rsplit(".", 1)[1] in CONTRACTS or m.rsplit(".", 1)[1].startswith("_"))}
     assert not siblings, f"sats/methods/{stem}.py imports method modules {sorted(siblings)}"
     services = {m for m in imported if m.split(".")[:2] in (["sats", "engine"], ["torch", "distributed"])}
     assert not services, f"sats/methods/{stem}.py imports {sorted(services)} (use the StepContext)"

@@ -36,6 +36,12 @@ def test_wheel_and_sdist_build_check_and_run(tmp_path):
                            timeout=120, cwd=tmp_path)
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.splitlines()[0].startswith(str(target)) and "sats" in probe.stdout
+    demo = subprocess.run([sys.executable, "-m", "sats.cli", "demo", "--quick", "--methods", "ft", "--tasks", "15-5",
+                           "--output", str(tmp_path / "demo")], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)  # the demo's configs ship in the wheel
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    assert (tmp_path / "demo" / "summary.md").is_file() and "FT" in (tmp_path / "demo" / "summary.md").read_text()
+    assert "sats/_configs/demo/mib.yaml" in names and "sats/_configs/voc/sats_mit-b2_voc-15-1.yaml" in names
     help_text = subprocess.run([sys.executable, "-m", "sats.cli", "--help"], env=env, capture_output=True, text=True,
                                timeout=120, cwd=tmp_path)
     assert help_text.returncode == 0 and "train" in help_text.stdout

@@ -25,7 +25,7 @@ from sats.data.tasks import Task, get_task
 from sats.data.transforms import eval_transform, train_transform
 from sats.engine.distributed import DistInfo
 from sats.io import digest
-from sats.rng import item_seed, memory_seed, step_seed
+from sats.rng import item_seed, memory_seed, pass_seed, step_seed
 from sats.engine.evaluator import ShardedEvalSampler
 from sats.data.batch import Batch
 
@@ -333,14 +333,20 @@ class ExperimentData:
 
     def extra_passes(self, step: int, joint: bool, dist: DistInfo, device: torch.device,
                      saliency: bool) -> Callable[..., Iterator[Batch]]:
-        """``ctx.train_loader``: ``loader(label_table=None)`` is one more pass over the step's current-step images
-        (no memory; ``data.batch_size`` per process) on ``device``, shuffled afresh at every call (the first
-        call's order is the step's own, so its results do not depend on how many passes a method makes)."""
+        """``ctx.train_loader``: ``loader(label_table=None, name=None)`` is one more pass over the step's current-step
+        images (no memory; ``data.batch_size`` per process) on ``device``, shuffled afresh at every call (the first
+        call's order is the step's own, so its results do not depend on how many passes a method makes). A named
+        pass (``name="nest/pretune/3"``) has its order and crops from (seed, step, name) alone: the same whatever
+        passes ran before it (a cached pass that is skipped on a rerun shifts nothing), and it leaves the count
+        of the unnamed calls as it was."""
         calls = [0]
 
-        def loader(label_table: Optional[np.ndarray] = None) -> Iterator[Batch]:
-            seed = step_seed(self.cfg.train.seed, step, -1 - calls[0])
-            calls[0] += 1
+        def loader(label_table: Optional[np.ndarray] = None, name: Optional[str] = None) -> Iterator[Batch]:
+            if name is not None:
+                seed = pass_seed(self.cfg.train.seed, step, 0, f"train_loader/{name}")  # every rank: one order
+            else:
+                seed = step_seed(self.cfg.train.seed, step, -1 - calls[0])
+                calls[0] += 1
             for batch in self.train_loader(step, joint, self.cfg.train, dist, seed, label_table=label_table,
                                            saliency=saliency):
                 yield batch.to(device)

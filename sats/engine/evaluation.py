@@ -21,7 +21,7 @@ from sats.engine.distributed import DistInfo
 from sats.engine.evaluator import evaluate_loader
 from sats.engine.optim import amp_dtype, autocast_factory
 from sats.engine.rundir import RunDir, RunError, load_step_model
-from sats.methods.base import build_method
+from sats.methods.addon import build_method
 
 log = logging.getLogger("sats")
 

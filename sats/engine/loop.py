@@ -163,6 +163,10 @@ class StepTrainer:
         t, cfg, model = ctx.step, self.cfg.train, ctx.model
         epochs, per_epoch = cfg.epochs_at(t), len(loader)
         ctx.total_iterations = epochs * per_epoch
+        if cfg.channels_last:  # before the optimiser: parameters keep their identity, their layout changes
+            for m in (model, ctx.old_model):
+                if m is not None:
+                    m.to(memory_format=torch.channels_last)
         optimizer = build_optimizer(optimizer_groups(self.method, model, t), cfg, cfg.lr_at(t))
         opt = Optimisation(optimizer, build_scheduler(optimizer, cfg, ctx.total_iterations),
                            build_grad_scaler(ctx.device, self.amp), cfg.grad_clip)
@@ -170,6 +174,8 @@ class StepTrainer:
         if self.dist.world_size > 1:
             train_model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        if cfg.compile:  # the same parameters: checkpoints keep saving ``model``'s state dict
+            train_model = torch.compile(train_model)
         self.resume_path = self.rundir.epoch_checkpoint(t)
         state = self._resume(ctx, opt, per_epoch)
         start_epoch, counters, best, partial = state
@@ -200,6 +206,8 @@ class StepTrainer:
                         restore_rng(resumed["rng"])
                     continue
                 batch = cpu_batch.to(ctx.device)
+                if cfg.channels_last:
+                    batch.images = batch.images.contiguous(memory_format=torch.channels_last)
                 step = train_iteration(train_model, ctx.old_model, self.method, batch, ctx, self.autocast, opt,
                                        world_size=self.dist.world_size, stop_requested=lambda: self.stop.requested)
                 if step.skipped:

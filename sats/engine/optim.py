@@ -15,9 +15,11 @@ from sats.models.segmenter import norm_layers
 
 
 def optimizer_groups(method: Method, model: torch.nn.Module, step: int) -> List[ParamGroup]:
-    """The method's parameter groups of ``step`` (``method.param_groups``), without the parameters of the
-    normalisation layers when the method freezes them (``"norm" in method.frozen_at(step)``: their affine
-    parameters then also get ``requires_grad = False``); empty groups are dropped."""
+    """The method's parameter groups of ``step`` (``method.param_groups``, after ``method.prepare_model``),
+    without the parameters of the normalisation layers when the method freezes them (``"norm" in
+    method.frozen_at(step)``: their affine parameters then also get ``requires_grad = False``); empty groups
+    are dropped."""
+    method.prepare_model(model, step)
     groups = method.param_groups(model, step)
     if "norm" in method.frozen_at(step):
         frozen = [p for layer in norm_layers(model) for p in layer.parameters(recurse=False)]
@@ -44,10 +46,12 @@ def build_optimizer(params: Union[Iterable[torch.nn.Parameter], Sequence[ParamGr
     if not items or (isinstance(items[0], dict) and not any(g["params"] for g in items)):  # type: ignore[index]
         raise ValueError("the method hands no trainable parameter to the optimiser")
     groups: Any = items
+    kernels = {"auto": {}, "foreach": {"foreach": True}, "fused": {"fused": True}, "loop": {"foreach": False}}
+    impl = kernels[getattr(cfg, "optimizer_impl", "auto")]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                               weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
+                               weight_decay=cfg.weight_decay, **impl)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay, **impl)
 
 
 def poly_lambda(total_iters: int, power: float, warmup_iters: int = 0, warmup_fraction: float = 0.0,

@@ -29,7 +29,8 @@ from sats.engine.optim import amp_dtype, autocast_factory, configure_cuda_math
 from sats.engine.rundir import RunDir, RunError, SharedStep0, load_step_model
 from sats.engine.signals import RunInterrupted, StopRequest
 from sats.io import digest
-from sats.methods.base import Method, StepContext, build_method
+from sats.methods.addon import build_method
+from sats.methods.base import Method, StepContext
 from sats.models.segmenter import Segmenter, build_segmenter, frozen_copy
 from sats.rng import seed_everything, step_seed
 
@@ -228,11 +229,13 @@ class Runner:
     # -- end of step: method hook, test, checkpoint, results ------------------------------------
     def _finish_step(self, t: int, task: Task, model: Segmenter, ctx: StepContext,
                      outcome: TrainOutcome) -> Dict[str, Any]:
-        self.method.end_step(ctx)
+        if outcome.best_state is not None:  # train.select=best_val: the selected weights are the step's model
+            model.load_state_dict(outcome.best_state)
+        self.method.end_step(ctx)  # may change the model (EWF fuses it): what is tested is what is saved
         tic = time.perf_counter()
         metrics = self._evaluate(model, t, "test")
         eval_time = time.perf_counter() - tic
-        state = outcome.best_state or model.state_dict()
+        state = model.state_dict()
         groups = self.task.groups(self.task.num_steps - 1) if self.joint else task.groups(t)
         row = results_io.make_row(t, metrics, groups, task, self.data.train_files.class_names)
         row.update(results_io.training_record(outcome.counters, ctx.iteration, eval_time), shared_step0=None,

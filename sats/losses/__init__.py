@@ -4,7 +4,7 @@ Per-pixel losses default to the reference reduction ``"all_pixels"``: sum over p
 by all pixels of the batch, ignored (255) pixels included (docs/methods.md §3 notation).
 
 Modules: ``ce`` (CE, unbiased CE, multi-label BCE), ``kd`` (KD, unbiased KD, BCE KD, feature
-MSE), ``pod`` (PLOP's local POD), ``pseudo_labels`` (entropy pseudo-labels and their
+MSE), ``pod`` (PLOP's local POD), ``pckd`` (RCIL's pooled-cube distillation), ``pseudo_labels`` (entropy pseudo-labels and their
 thresholds), ``sigmoid`` (heads without a background classifier: prediction, mBCE, decomposed logits),
 ``prototypes`` (STAR's class statistics, replay counts, OCFM, SAD), ``attention`` (SATS's attention / feature transfer), ``importance`` (the EWC / RW /
 PI quadratic penalty and its normalisation; the stateful trackers are in
@@ -36,6 +36,7 @@ from sats.losses.sigmoid import (
     negative_bce,
 )
 from sats.losses.kd import bce_kd, feature_mse, kd_old_channels, unbiased_kd
+from sats.losses.pckd import PCKD_WINDOWS, pckd_channel_distance, pckd_factors, pckd_loss, pckd_spatial_distance
 from sats.losses.pod import collapse_new_channels, local_pod_loss, pod_distance, pod_embedding
 from sats.losses.prototypes import (
     ReplayPlan,
@@ -83,6 +84,11 @@ __all__ = [
     "multilabel_bce",
     "negative_bce",
     "normalized_entropy",
+    "PCKD_WINDOWS",
+    "pckd_channel_distance",
+    "pckd_factors",
+    "pckd_loss",
+    "pckd_spatial_distance",
     "plop_attention_loss",
     "pod_distance",
     "pod_embedding",

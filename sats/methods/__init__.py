@@ -12,9 +12,10 @@ import importlib
 import pkgutil
 from typing import Iterable, List
 
-from sats.methods.base import (Batch, CEParams, Method, StepContext, build_method, check_weight, get_method_class,
-                               iter_methods, list_methods, register_method, require_old_logits,
-                               validate_method_config)
+from sats.methods.addon import (AddOn, build_method, compose_method, get_addon_class, list_addons, register_addon,
+                                validate_method_config)
+from sats.methods.base import (Batch, CEParams, Method, StepContext, check_weight, get_method_class, iter_methods,
+                               list_methods, register_method, require_old_logits)
 
 
 def discover_methods(package: str = __name__, path: Iterable[str] = __path__) -> List[str]:
@@ -30,6 +31,6 @@ def discover_methods(package: str = __name__, path: Iterable[str] = __path__) ->
 
 MODULES = discover_methods()  # the modules of sats.methods, every method registered
 
-__all__ = ["Batch", "CEParams", "MODULES", "Method", "StepContext", "build_method", "check_weight",
-           "discover_methods", "get_method_class", "iter_methods", "list_methods", "register_method",
-           "require_old_logits", "validate_method_config"]
+__all__ = ["AddOn", "Batch", "CEParams", "MODULES", "Method", "StepContext", "build_method", "check_weight",
+           "compose_method", "discover_methods", "get_addon_class", "get_method_class", "iter_methods", "list_addons",
+           "list_methods", "register_addon", "register_method", "require_old_logits", "validate_method_config"]

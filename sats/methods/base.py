@@ -19,8 +19,6 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, Dict,
 from typing import Mapping, Optional, Protocol, Type
 
 import torch
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor
 
 from sats.data.batch import Batch
@@ -56,7 +54,8 @@ class StepContext:
     old_checkpoint_digest: Optional[str]  # content hash of the step t-1 weights and method state (cache keys)
     #: ``train_loader(label_table=None)``: a fresh pass over this step's training data (current-step images
     #: only, never the exemplar memory; full ``data.batch_size``); a (256,) uint8 ``label_table`` (raw mask
-    #: value → label) replaces the step's training table for that pass
+    #: value → label) replaces the step's training table for that pass; ``name="…"``: a named pass, whose order
+    #: and crops depend only on (seed, step, name), not on how many passes ran before it
     train_loader: Callable[..., Iterable[Batch]]
     autocast: Callable[[], Any]  # context manager: the run's mixed-precision setting
     log_scalar: Callable[[str, float], None]  # log a scalar at the current iteration
@@ -170,8 +169,8 @@ class Method:
     #: whether the engine runs the old model's forward every iteration (False: the method reads only the
     #: old model's weights, e.g. EWC/RW/PI, so the frozen copy is kept but never run)
     old_forward: ClassVar[bool] = True
-    #: new-head initialisation: "default" | "background" (MiB) | "unknown" (SSUL) | "copy" (DKD: every new row
-    #: copies weight and bias of output channel ``head_init_source``)
+    #: new-head initialisation: "default" | "background" (MiB) | "background_weight" (RCIL: w_0, biases untouched) |
+    #: "unknown" (SSUL) | "copy" (DKD: every new row copies weight and bias of output channel ``head_init_source``)
     head_init: ClassVar[str] = "default"
     head_init_source: ClassVar[int] = 0
     #: how ``predict`` maps logits to channels: "argmax" over every channel, or "sigmoid" (implicit background:
@@ -220,6 +219,10 @@ class Method:
         reduction = getattr(self.params, "reduction", "all_pixels")
         return {"ce": cross_entropy(out.logits, batch.labels, reduction=reduction)}
 
+    def check_experiment(self, cfg: "ExperimentConfig") -> None:
+        """At start-up: raise ValueError (naming the keys) when the rest of the config cannot run this method
+        (RCIL needs ``model.rc_branches``). Nothing by default."""
+
     # -- hooks -----------------------------------------------------------------------------------
     def begin_step(self, ctx: StepContext) -> None:
         """Before the first iteration of a step (thresholds, importance, ...)."""
@@ -252,6 +255,12 @@ class Method:
             scores, index = torch.sigmoid(logits[:, 1:].float()).max(dim=1)
             return scores, index + 1
         return torch.softmax(logits.float(), dim=1).max(dim=1)
+
+    def prepare_model(self, model: torch.nn.Module, step: int) -> None:
+        """Once per step, before the optimiser is built (and before a resumed step's epoch checkpoint is loaded):
+        change the step's model in place — freeze parameters (``requires_grad = False`` keeps them out of
+        :meth:`param_groups`), re-parameterise modules. Must keep the state-dict keys unchanged. Nothing by
+        default."""
 
     def trainable_parameters(self, model: torch.nn.Module, step: int) -> List[torch.nn.Parameter]:
         """Parameters handed to the optimiser (all of them by default)."""
@@ -287,16 +296,22 @@ class Method:
 _REGISTRY: Dict[str, Type[Method]] = {}
 
 
-def register_method(cls: Type[Method]) -> Type[Method]:
-    """Class decorator: make a method available by its ``name``."""
+def register_into(registry: Dict[str, Any], cls: Any, kind: str = "method") -> Any:
+    """Add ``cls`` to ``registry`` under its ``name`` (a name taken by another class is an error); a class
+    without its own ``label`` shows its name (a subclass never shows its parent's label). Returns ``cls``."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"method name {cls.name!r} registered twice")
-    if "label" not in vars(cls) or not cls.label:  # a subclass never shows its parent's label
+    if cls.name in registry and registry[cls.name] is not cls:
+        raise ValueError(f"{kind} name {cls.name!r} registered twice")
+    if "label" not in vars(cls) or not cls.label:
         cls.label = cls.name
-    _REGISTRY[cls.name] = cls
+    registry[cls.name] = cls
     return cls
+
+
+def register_method(cls: Type[Method]) -> Type[Method]:
+    """Class decorator: make a method available by its ``name``."""
+    return register_into(_REGISTRY, cls)
 
 
 def list_methods() -> List[str]:
@@ -321,30 +336,3 @@ def get_method_class(name: str) -> Type[Method]:
     if len(matches) != 1:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(list_methods())}")
     return matches[0]
-
-
-def validate_method_config(section: Dict[str, Any]) -> Dict[str, Any]:
-    """Check ``method:`` against the method's Params: unknown keys / bad types are errors naming the key."""
-    from sats.config import ConfigError
-
-    section = dict(section)
-    try:
-        cls = get_method_class(str(section.pop("name", "ft")))
-    except ValueError as exc:
-        raise ConfigError(f"method.name: {exc}") from exc
-    name = cls.name
-    try:
-        params = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls.Params), section))
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", "")
-        raise ConfigError(f"method {name!r}: invalid key {key!r}: {str(exc).splitlines()[0]}") from exc
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"method {name!r}: {exc}") from exc
-    return {"name": name, **dataclasses.asdict(params)}
-
-
-def build_method(section: Dict[str, Any]) -> Method:
-    """Instantiate the method of a validated ``method:`` section."""
-    section = dict(section)
-    cls = get_method_class(section.pop("name"))
-    return cls(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls.Params), section)))

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-HEAD_INITS = ("default", "background", "unknown", "copy")
+HEAD_INITS = ("default", "background", "background_weight", "unknown", "copy")
 WEIGHT_INITS = ("default", "kaiming_normal")
 
 
@@ -59,6 +59,8 @@ class IncrementalClassifier(nn.Module):
           (channel 0), new biases and the background bias become
           ``b_0 - log(num_new + 1)``, so at init the old background probability
           is split evenly over background and the new classes.
+        * ``"background_weight"`` (RCIL's code): new weights copy ``w_0``; new biases keep the default
+          init and ``b_0`` is unchanged.
         * ``"unknown"`` (SSUL): new weights copy channel 1 (the unknown channel);
           biases keep the default init.
         * ``"copy"`` (DKD): every new row copies the weight **and** bias of output channel ``source``
@@ -78,11 +80,12 @@ class IncrementalClassifier(nn.Module):
                 bias = torch.cat([h.bias for h in self.heads])[source]
                 head.weight.copy_(weight.expand_as(head.weight))
                 head.bias.fill_(bias)
-            elif init == "background":
-                bias = first.bias[0] - math.log(num_new + 1)
+            elif init in ("background", "background_weight"):
                 head.weight.copy_(first.weight[0:1].expand_as(head.weight))
-                head.bias.fill_(bias)
-                first.bias[0] = bias
+                if init == "background":
+                    bias = first.bias[0] - math.log(num_new + 1)
+                    head.bias.fill_(bias)
+                    first.bias[0] = bias
             elif init == "unknown":
                 if first.out_channels < 2:
                     raise ValueError(

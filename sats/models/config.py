@@ -65,6 +65,15 @@ class ModelConfig:
             ``mit_b*.pth``), ``hf`` (Hugging Face SegFormer/MiT), ``torchvision``,
             ``iabn`` (In-Place-ABN ResNet, ``resnet101_iabn_sync.pth.tar``).
         partial_load: accept a checkpoint that misses some encoder keys.
+        rc_branches: RCIL's twin branches (RC modules, `sats.models.reparam`, docs/methods.md §2.7):
+            every ResNet bottleneck's 3×3 conv + BN, the ASPP map convs + BN (``aspp``, ``aspp_tv``),
+            every MiT Mix-FFN depth-wise conv, the fuse conv (+ BN) of the ``simple``/``segformer``
+            heads; pretrained encoder weights go into both branches.
+        stem_activation: ResNet activation after the stem BN; ``false`` = none (the RCIL reference,
+            docs/methods.md §2.7). ResNet only.
+        checkpoint_activations: recompute each MiT block's activations in the backward pass instead of
+            keeping them (activation checkpointing: less memory, one more forward of the encoder; the
+            random streams of stochastic depth are replayed, so results do not change). MiT only.
     """
 
     backbone: str = "mit_b2"
@@ -86,6 +95,9 @@ class ModelConfig:
     pretrained: Optional[str] = None
     pretrained_format: str = "auto"
     partial_load: bool = False
+    rc_branches: bool = False
+    stem_activation: bool = True
+    checkpoint_activations: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("backbone", self.backbone, BACKBONES)
@@ -95,6 +107,14 @@ class ModelConfig:
         _check_choice("pretrained_format", self.pretrained_format, PRETRAINED_FORMATS)
         _check_choice("dilation_mode", self.dilation_mode, DILATION_MODES)
         _check_choice("classifier_init", self.classifier_init, CLASSIFIER_INITS)
+        _check_choice("rc_branches", self.rc_branches, (False, True))
+        _check_choice("stem_activation", self.stem_activation, (True, False))
+        _check_choice("checkpoint_activations", self.checkpoint_activations, (False, True))
+        if self.checkpoint_activations and not self.is_mit:
+            raise ValueError(f"model.checkpoint_activations is a MiT option; backbone={self.backbone!r}")
+        if not self.stem_activation and self.is_mit:
+            raise ValueError(f"model.stem_activation=false is a ResNet option; backbone={self.backbone!r} has no "
+                             f"stem activation (leave it true)")
         if self.encoder_bn_momentum is not None and not 0.0 < self.encoder_bn_momentum <= 1.0:
             raise ValueError(f"model.encoder_bn_momentum must lie in (0, 1], got {self.encoder_bn_momentum!r}")
         if not 0.0 <= self.head_dropout < 1.0:

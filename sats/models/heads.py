@@ -3,14 +3,30 @@ torchvision flavours).
 
 Every head maps the 4 encoder feature maps ``[(B, C_s, h_s, w_s)]`` to one
 ``(B, D, h, w)`` feature, the input of the incremental classifier, and exposes
-``out_channels = D``.
+``out_channels = D``. With ``rc_branches=True`` (RCIL, docs/methods.md §2.7) the fuse conv (``simple``, ``segformer``
+with its BN) or the four map convs with their BN (``aspp``, ``aspp_tv``) are RC modules
+(`sats.models.reparam.RCConv`).
 """
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sats.models.reparam import RCConv
 from sats.models.resnet import LEAKY_SLOPE, activate, make_norm
+
+
+def _map_convs(in_channels: int, hidden: int, dilations: tuple[int, ...]) -> list[Callable[[], nn.Conv2d]]:
+    """Factories of the ASPP map convs: 1×1, then 3×3 with each dilation (no bias)."""
+
+    def conv(dilation: int | None) -> Callable[[], nn.Conv2d]:
+        if dilation is None:
+            return lambda: nn.Conv2d(in_channels, hidden, 1, bias=False)
+        return lambda: nn.Conv2d(in_channels, hidden, 3, padding=dilation, dilation=dilation, bias=False)
+
+    return [conv(d) for d in (None, *dilations)]
 
 
 class SimpleHead(nn.Module):
@@ -23,11 +39,15 @@ class SimpleHead(nn.Module):
     input side is a multiple of 32, and still defined when it is not.
     """
 
-    def __init__(self, in_channels: list[int], dim: int = 256) -> None:
+    def __init__(self, in_channels: list[int], dim: int = 256, rc_branches: bool = False) -> None:
         super().__init__()
         self.out_channels = dim
         self.proj = nn.ModuleList(nn.Conv2d(channels, dim, 1) for channels in in_channels)
-        self.fuse = nn.Conv2d(len(in_channels) * dim, dim, 1)
+
+        def fuse() -> nn.Conv2d:
+            return nn.Conv2d(len(in_channels) * dim, dim, 1)
+
+        self.fuse: nn.Module = RCConv(fuse) if rc_branches else fuse()
 
     def forward(self, features: list[Tensor]) -> Tensor:
         """``features`` at strides 4/8/16/32 -> ``(B, D, h_1, w_1)``."""
@@ -51,12 +71,20 @@ class SegFormerHead(nn.Module):
     ``ModelConfig.activation``.
     """
 
-    def __init__(self, in_channels: list[int], dim: int = 256, norm: str = "bn", dropout: float = 0.1) -> None:
+    def __init__(self, in_channels: list[int], dim: int = 256, norm: str = "bn", dropout: float = 0.1,
+                 rc_branches: bool = False) -> None:
         super().__init__()
         self.out_channels = dim
         self.proj = nn.ModuleList(nn.Conv2d(channels, dim, 1) for channels in in_channels)
-        self.fuse = nn.Conv2d(len(in_channels) * dim, dim, 1, bias=False)
-        self.fuse_bn = make_norm(norm)(dim)
+
+        def fuse() -> nn.Conv2d:
+            return nn.Conv2d(len(in_channels) * dim, dim, 1, bias=False)
+
+        def fuse_bn() -> nn.Module:
+            return make_norm(norm)(dim)
+
+        self.fuse: nn.Module = RCConv(fuse, fuse_bn, plain_norm="fuse_bn") if rc_branches else fuse()
+        self.fuse_bn: nn.Module = nn.Identity() if rc_branches else fuse_bn()  # the RC module holds both norms
         self.dropout = nn.Dropout2d(dropout)
 
     def forward(self, features: list[Tensor]) -> Tensor:
@@ -94,17 +122,20 @@ class ASPP(nn.Module):
         norm: str = "bn",
         activation: str = "leaky_relu",
         pooling_size: int | None = 32,
+        rc_branches: bool = False,
     ) -> None:
         super().__init__()
         norm_layer = make_norm(norm)
         self.out_channels = dim
         self.activation = activation
         self.pooling_size = pooling_size
-        self.map_convs = nn.ModuleList(
-            [nn.Conv2d(in_channels, hidden, 1, bias=False)]
-            + [nn.Conv2d(in_channels, hidden, 3, padding=d, dilation=d, bias=False) for d in dilations]
-        )
-        self.map_bn = norm_layer(hidden * 4)
+        maps = _map_convs(in_channels, hidden, dilations)
+        if rc_branches:  # one BN per map conv and branch: the same per-channel function as one BN over all four
+            self.map_convs = nn.ModuleList(RCConv(conv, lambda: norm_layer(hidden)) for conv in maps)
+            self.map_bn: nn.Module = nn.Identity()
+        else:
+            self.map_convs = nn.ModuleList(conv() for conv in maps)
+            self.map_bn = norm_layer(hidden * 4)
         self.red_conv = nn.Conv2d(hidden * 4, dim, 1, bias=False)
         self.global_pooling_conv = nn.Conv2d(in_channels, hidden, 1, bias=False)
         self.global_pooling_bn = norm_layer(hidden)
@@ -148,7 +179,8 @@ class TorchvisionASPP(nn.Module):
     """
 
     def __init__(self, in_channels: int, dim: int = 256, hidden: int = 256,
-                 dilations: tuple[int, int, int] = (6, 12, 18), norm: str = "bn", dropout: float = 0.1) -> None:
+                 dilations: tuple[int, int, int] = (6, 12, 18), norm: str = "bn", dropout: float = 0.1,
+                 rc_branches: bool = False) -> None:
         super().__init__()
         norm_layer = make_norm(norm)
         self.out_channels = dim
@@ -156,10 +188,11 @@ class TorchvisionASPP(nn.Module):
         def branch(conv: nn.Module) -> nn.Sequential:
             return nn.Sequential(conv, norm_layer(hidden), nn.ReLU())
 
-        self.branches = nn.ModuleList(
-            [branch(nn.Conv2d(in_channels, hidden, 1, bias=False))]
-            + [branch(nn.Conv2d(in_channels, hidden, 3, padding=d, dilation=d, bias=False)) for d in dilations]
-        )
+        def rc_branch(conv: Callable[[], nn.Conv2d]) -> nn.Sequential:
+            return nn.Sequential(RCConv(conv, lambda: norm_layer(hidden)), nn.ReLU())
+
+        maps = _map_convs(in_channels, hidden, dilations)
+        self.branches = nn.ModuleList(rc_branch(conv) if rc_branches else branch(conv()) for conv in maps)
         self.pool = branch(nn.Conv2d(in_channels, hidden, 1, bias=False))
         self.project = nn.Sequential(nn.Conv2d(hidden * 5, dim, 1, bias=False), norm_layer(dim), nn.ReLU(),
                                      nn.Dropout(dropout))

@@ -10,6 +10,9 @@ Efficient self-attention runs through `F.scaled_dot_product_attention` unless
 the attention probabilities are requested; then the last block of every stage
 computes ``softmax(q kᵀ · d^-½)`` explicitly (softmax in float32) and returns it,
 in the autograd graph, with shape ``(B, heads, N, M)``.
+
+``rc_branches=True`` makes every Mix-FFN depth-wise conv an RC module
+(`sats.models.reparam.RCConv`, no norm: keys ``mlp.dwconv.dwconv.conv_a`` / ``.conv_b``).
 """
 
 import math
@@ -18,6 +21,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from sats.models.reparam import RCConv
 
 MIT_VARIANTS: dict[str, dict[str, list[int]]] = {
     "mit_b0": {"embed_dims": [32, 64, 160, 256], "depths": [2, 2, 2, 2], "num_heads": [1, 2, 5, 8], "sr_ratios": [8, 4, 2, 1]},
@@ -34,7 +40,8 @@ BLOCK_NORM_EPS = 1e-6  # block and stage LayerNorms; patch-embed and SR LayerNor
 class EncoderOutput(NamedTuple):
     """What an encoder hands to the segmenter.
 
-    features: 4 maps fed to the decoder, ``(B, C_s, h_s, w_s)``; ``features[-1]`` is the body.
+    features: 4 maps fed to the decoder, ``(B, C_s, h_s, w_s)``; ``features[-1]`` is the body; also
+        ``ModelOutput.features`` (ResNet: activated).
     stages: 4 maps exposed as ``ModelOutput.stages`` (MiT: = features; ResNet: pre-activation).
     attentions: MiT last-block attention per stage ``(B, heads_s, N_s, M_s)``, or None.
     """
@@ -116,11 +123,15 @@ class EfficientSelfAttention(nn.Module):
 
 
 class DepthwiseConv(nn.Module):
-    """3×3 depth-wise conv on a token sequence: ``(B, N, C) -> (B, N, C)``."""
+    """3×3 depth-wise conv (or its RC twin) on a token sequence: ``(B, N, C) -> (B, N, C)``."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, rc_branches: bool = False) -> None:
         super().__init__()
-        self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+
+        def conv() -> nn.Conv2d:
+            return nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+
+        self.dwconv: nn.Module = RCConv(conv) if rc_branches else conv()
 
     def forward(self, x: Tensor, h: int, w: int) -> Tensor:
         batch, _, dim = x.shape
@@ -130,10 +141,10 @@ class DepthwiseConv(nn.Module):
 class MixFFN(nn.Module):
     """fc1 -> 3×3 depth-wise conv -> GELU -> fc2."""
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, rc_branches: bool = False) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.dwconv = DepthwiseConv(hidden)
+        self.dwconv = DepthwiseConv(hidden, rc_branches)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor, h: int, w: int) -> Tensor:
@@ -143,13 +154,14 @@ class MixFFN(nn.Module):
 class Block(nn.Module):
     """Pre-LN transformer block: ``x + attn(norm1(x))``, then ``x + ffn(norm2(x))``."""
 
-    def __init__(self, dim: int, num_heads: int, sr_ratio: int, mlp_ratio: int, drop_path: float) -> None:
+    def __init__(self, dim: int, num_heads: int, sr_ratio: int, mlp_ratio: int, drop_path: float,
+                 rc_branches: bool = False) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=BLOCK_NORM_EPS)
         self.attn = EfficientSelfAttention(dim, num_heads, sr_ratio)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=BLOCK_NORM_EPS)
-        self.mlp = MixFFN(dim, dim * mlp_ratio)
+        self.mlp = MixFFN(dim, dim * mlp_ratio, rc_branches)
 
     def forward(self, x: Tensor, h: int, w: int, return_attention: bool = False) -> tuple[Tensor, Tensor | None]:
         attn_out, probs = self.attn(self.norm1(x), h, w, return_attention)
@@ -166,6 +178,7 @@ class MixTransformer(nn.Module):
         mlp_ratio: Mix-FFN hidden ratio.
         drop_path: stochastic depth of the last block; rises linearly from 0 over all blocks.
         in_channels: image channels.
+        rc_branches: RC module in place of every Mix-FFN depth-wise conv (module docstring).
     """
 
     def __init__(
@@ -177,8 +190,11 @@ class MixTransformer(nn.Module):
         mlp_ratio: int = 4,
         drop_path: float = 0.1,
         in_channels: int = 3,
+        rc_branches: bool = False,
+        checkpoint_activations: bool = False,
     ) -> None:
         super().__init__()
+        self.checkpoint_activations = checkpoint_activations
         for key, value in (("embed_dims", embed_dims), ("depths", depths), ("num_heads", num_heads), ("sr_ratios", sr_ratios)):
             if len(value) != 4:
                 raise ValueError(f"MixTransformer {key} needs 4 values, got {list(value)}")
@@ -195,7 +211,7 @@ class MixTransformer(nn.Module):
             dim = embed_dims[stage - 1]
             self.add_module(f"patch_embed{stage}", OverlapPatchEmbed(previous, dim, kernel, stride))
             blocks = [
-                Block(dim, num_heads[stage - 1], sr_ratios[stage - 1], mlp_ratio, rates[first + i])
+                Block(dim, num_heads[stage - 1], sr_ratios[stage - 1], mlp_ratio, rates[first + i], rc_branches)
                 for i in range(depths[stage - 1])
             ]
             self.add_module(f"block{stage}", nn.ModuleList(blocks))
@@ -213,8 +229,13 @@ class MixTransformer(nn.Module):
             tokens, h, w = getattr(self, f"patch_embed{stage}")(x)
             blocks = getattr(self, f"block{stage}")
             probs = None
+            recompute = self.checkpoint_activations and self.training and torch.is_grad_enabled()
             for index, block in enumerate(blocks):
-                tokens, probs = block(tokens, h, w, attentions and index == len(blocks) - 1)
+                want = attentions and index == len(blocks) - 1
+                if recompute:  # activations recomputed in backward, the random streams replayed
+                    tokens, probs = checkpoint(block, tokens, h, w, want, use_reentrant=False)
+                else:
+                    tokens, probs = block(tokens, h, w, want)
             tokens = getattr(self, f"norm{stage}")(tokens)
             x = tokens.reshape(batch, h, w, -1).permute(0, 3, 1, 2).contiguous()
             outputs.append(x)

@@ -11,7 +11,11 @@ stage's dilation (``dilation_mode="stage"``); ``dilation_mode="torchvision"`` gi
 the first block the previous stage's dilation, as torchvision (and the DKD/STAR
 code, docs/methods.md §2.6) do.
 The activation (ReLU or LeakyReLU 0.01) follows each BN except the last BN of
-a block, where it comes after the residual addition.
+a block, where it comes after the residual addition, and the stem BN when
+``stem_activation=False`` (the RCIL reference). ``rc_branches=True`` makes every
+block's ``conv2`` an RC module (`sats.models.reparam.RCConv`: twin conv + BN,
+keys ``conv2.conv_a`` / ``conv2.norm_a`` / ``conv2.conv_b`` / ``conv2.norm_b``) and
+``bn2`` an identity.
 """
 
 from collections.abc import Callable
@@ -20,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sats.models.mit import EncoderOutput
+from sats.models.reparam import RCConv
 
 RESNET_LAYERS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
 STAGE_DILATIONS = {16: (1, 1, 1, 2), 8: (1, 1, 2, 4)}
@@ -59,14 +64,19 @@ class Bottleneck(nn.Module):
         dilation: int,
         norm: Callable[[int], nn.Module],
         activation: str,
+        rc_branches: bool = False,
     ) -> None:
         super().__init__()
         out_channels = width * self.expansion
         self.activation = activation
         self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
         self.bn1 = norm(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
-        self.bn2 = norm(width)
+
+        def conv2() -> nn.Conv2d:
+            return nn.Conv2d(width, width, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
+
+        self.conv2: nn.Module = RCConv(conv2, lambda: norm(width), plain_norm="bn2") if rc_branches else conv2()
+        self.bn2: nn.Module = nn.Identity() if rc_branches else norm(width)  # the RC module holds both norms
         self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
         self.bn3 = norm(out_channels)
         self.downsample: nn.Module | None = None
@@ -92,10 +102,13 @@ class ResNetEncoder(nn.Module):
         activation: ``"relu"`` or ``"leaky_relu"``.
         dilation_mode: ``"stage"`` or ``"torchvision"`` (module docstring).
         bn_momentum: momentum of every BatchNorm of the encoder (None: PyTorch's 0.1).
+        stem_activation: activation after the stem BN (False: none, the RCIL reference).
+        rc_branches: RC module in place of every block's ``conv2``/``bn2`` (module docstring).
     """
 
     def __init__(self, depth: str = "resnet101", output_stride: int = 16, norm: str = "bn", activation: str = "relu",
-                 dilation_mode: str = "stage", bn_momentum: float | None = None) -> None:
+                 dilation_mode: str = "stage", bn_momentum: float | None = None, stem_activation: bool = True,
+                 rc_branches: bool = False) -> None:
         super().__init__()
         if depth not in RESNET_LAYERS:
             raise ValueError(f"unknown ResNet {depth!r}; known: {sorted(RESNET_LAYERS)}")
@@ -108,6 +121,7 @@ class ResNetEncoder(nn.Module):
         norm_layer = make_norm(norm)
         self.activation = activation
         self.output_stride = output_stride
+        self.stem_activation = stem_activation
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = norm_layer(64)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
@@ -121,7 +135,7 @@ class ResNetEncoder(nn.Module):
             layer = []
             for index in range(blocks):
                 layer.append(Bottleneck(in_channels, width, stride if index == 0 else 1, first if index == 0 else dilation,
-                                        norm_layer, activation))
+                                        norm_layer, activation, rc_branches))
                 in_channels = width * Bottleneck.expansion
             self.add_module(f"layer{stage}", nn.Sequential(*layer))
             self.out_channels.append(in_channels)
@@ -147,7 +161,8 @@ class ResNetEncoder(nn.Module):
         """
         if attentions:
             raise ValueError("ResNet encoders have no attention maps; do not request 'attentions'")
-        x = self.maxpool(activate(self.bn1(self.conv1(x)), self.activation))
+        x = self.bn1(self.conv1(x))
+        x = self.maxpool(activate(x, self.activation) if self.stem_activation else x)
         features: list[Tensor] = []
         preacts: list[Tensor] = []
         for stage in range(1, 5):

@@ -17,7 +17,7 @@ from sats.models.resnet import ResNetEncoder
 
 log = logging.getLogger(__name__)
 
-NEEDS = frozenset({"logits_small", "stages", "body", "decoder", "attentions"})
+NEEDS = frozenset({"logits_small", "stages", "features", "body", "decoder", "attentions"})
 #: what a method may freeze at a step (``Method.frozen_at``): ``norm`` = every BatchNorm layer (running
 #: statistics in eval mode, affine parameters out of the optimiser), ``dropout`` = dropout and stochastic depth off
 FROZEN_KINDS = frozenset({"norm", "dropout"})
@@ -31,6 +31,8 @@ class ModelOutput:
     logits_small: ``(B, K, h, w)`` classifier output before upsampling.
     stages: 4 maps; MiT stage outputs after their LayerNorm ``(B, C_s, h_s, w_s)``,
         ResNet pre-activation output of the last block of each stage.
+    features: 4 maps, the activated output of the last block of each stage ``(B, C_s, h_s, w_s)``
+        (MiT: the same tensors as ``stages``; ResNet: after the block's final activation).
     body: encoder output; MiT stage 4, ResNet activated stage 4.
     decoder: ``(B, D, h, w)`` feature fed to the classifier.
     attentions: MiT post-softmax attention of the last block of each stage,
@@ -43,6 +45,7 @@ class ModelOutput:
     body: Tensor | None = None
     decoder: Tensor | None = None
     attentions: list[Tensor] | None = None
+    features: list[Tensor] | None = None
 
 
 def check_need(need: Collection[str]) -> frozenset[str]:
@@ -100,6 +103,7 @@ class Segmenter(nn.Module):
             body=encoded.features[-1] if "body" in requested else None,
             decoder=decoder if "decoder" in requested else None,
             attentions=encoded.attentions if "attentions" in requested else None,
+            features=list(encoded.features) if "features" in requested else None,
         )
 
     def add_step(self, num_new: int, init: str = "default", source: int = 0) -> None:
@@ -111,22 +115,26 @@ class Segmenter(nn.Module):
 def build_encoder(cfg: ModelConfig) -> nn.Module:
     """The encoder of ``cfg`` (random init; see `sats.models.weights` for pretrained weights)."""
     if cfg.is_mit:
-        return MixTransformer(**cfg.mit_arch(), mlp_ratio=cfg.mlp_ratio, drop_path=cfg.drop_path)
+        return MixTransformer(**cfg.mit_arch(), mlp_ratio=cfg.mlp_ratio, drop_path=cfg.drop_path,
+                              rc_branches=cfg.rc_branches, checkpoint_activations=cfg.checkpoint_activations)
     return ResNetEncoder(cfg.backbone, output_stride=cfg.output_stride, norm=cfg.norm, activation=cfg.activation,
-                         dilation_mode=cfg.dilation_mode, bn_momentum=cfg.encoder_bn_momentum)
+                         dilation_mode=cfg.dilation_mode, bn_momentum=cfg.encoder_bn_momentum,
+                         stem_activation=cfg.stem_activation, rc_branches=cfg.rc_branches)
 
 
 def build_head(cfg: ModelConfig, in_channels: list[int]) -> nn.Module:
     """The decoder head of ``cfg`` on encoder maps with ``in_channels``."""
+    rc = cfg.rc_branches
     if cfg.head == "simple":
-        return SimpleHead(in_channels, cfg.decoder_dim)
+        return SimpleHead(in_channels, cfg.decoder_dim, rc_branches=rc)
     if cfg.head == "segformer":
-        return SegFormerHead(in_channels, cfg.decoder_dim, norm=cfg.norm, dropout=cfg.head_dropout)
+        return SegFormerHead(in_channels, cfg.decoder_dim, norm=cfg.norm, dropout=cfg.head_dropout, rc_branches=rc)
     dilations = (6, 12, 18) if cfg.output_stride == 16 else (12, 24, 36)
     if cfg.head == "aspp_tv":
         return TorchvisionASPP(in_channels[-1], cfg.decoder_dim, cfg.decoder_dim, dilations, norm=cfg.norm,
-                               dropout=cfg.head_dropout)
-    return ASPP(in_channels[-1], cfg.decoder_dim, cfg.decoder_dim, dilations, norm=cfg.norm, activation=cfg.activation)
+                               dropout=cfg.head_dropout, rc_branches=rc)
+    return ASPP(in_channels[-1], cfg.decoder_dim, cfg.decoder_dim, dilations, norm=cfg.norm, activation=cfg.activation,
+                rc_branches=rc)
 
 
 def build_segmenter(cfg: ModelConfig | Mapping[str, Any], head_sizes: list[int]) -> Segmenter:

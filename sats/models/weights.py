@@ -29,6 +29,11 @@ stripped. Every load returns a `LoadReport`; missing encoder keys and
 unexpected (unconverted) checkpoint keys raise unless ``partial=True``; a shape
 mismatch always raises. ``builtin:<name>`` names weights shipped with the package
 (`sats.models.builtin`): they load through the same path.
+
+Into an encoder with RC modules (``model.rc_branches``, `sats.models.reparam`), every plain tensor of a
+twinned conv (ResNet ``conv2``/``bn2``, MiT ``mlp.dwconv.dwconv``), in any format, is copied into both
+branches, so they start identical; the keys only an RC encoder has (branch-A conv biases the plain conv
+lacks, ``merged`` flags) are not reported missing.
 """
 
 import logging
@@ -44,6 +49,7 @@ from torch import Tensor, nn
 
 from sats.models.builtin import resolve_weights
 from sats.models.errors import WeightsError
+from sats.models.reparam import twin_plain_state
 
 log = logging.getLogger(__name__)
 
@@ -293,8 +299,10 @@ def load_encoder_state(
 ) -> LoadReport:
     """Convert ``state`` and copy it into ``encoder``; see the module docstring for the rules."""
     converted, dropped, used = convert_state_dict(state, fmt, source)
+    converted, rc_only = twin_plain_state(converted, encoder)  # unchanged for an encoder without RC modules
     target = encoder.state_dict()
-    missing = sorted(key for key in target if key not in converted and not key.endswith("num_batches_tracked"))
+    missing = sorted(key for key in target
+                     if key not in converted and key not in rc_only and not key.endswith("num_batches_tracked"))
     unexpected = sorted(key for key in converted if key not in target)
     mismatched = [
         f"{key}: checkpoint {tuple(converted[key].shape)} vs encoder {tuple(target[key].shape)}"

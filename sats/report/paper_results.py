@@ -1,5 +1,5 @@
-"""Published numbers, kept as data to compare runs with: the SATS paper's VOC table (docs/methods.md §5.1) and
-the DKD and STAR READMEs (§5.4).
+"""Published numbers, kept as data to compare runs with: the SATS paper's VOC table (docs/methods.md §5.1), the
+DKD and STAR READMEs (§5.4) and the methods after 2022 (RCIL, NeST, §5.5).
 
 mIoU (%) after the final step. ``old`` is the mean IoU over the step-0 classes **including background**
 (columns "0-15", "0-5", "0-10"), ``new`` over every class added later, ``all`` over every class. Rows marked ★
@@ -154,15 +154,52 @@ _README_ROWS: List[Tuple[str, str, str, bool, str, Dict[str, Tuple[Optional[floa
      {"100-50": (None, None, 36.39), "100-10": (None, None, 34.91), "50-50": (None, None, 34.44)}),
 ]
 
-README_RESULTS: Tuple[PaperResult, ...] = tuple(
-    PaperResult(method=key, label=label, network="DeepLabV3", task=task, old=old, new=new, all=all_, quoted=False,
-                dataset=dataset, overlap=overlap, source=source, section="docs/methods.md §5.4")
-    for key, label, dataset, overlap, source, cells in _README_ROWS
-    for task, (old, new, all_) in cells.items()
-)
+
+#: a DeepLabV3-ResNet-101 row: (method key, label, dataset, overlap, source, {task: (old, new, all)})
+_DeepLabRow = tuple[str, str, str, bool, str, dict[str, tuple[float | None, float | None, float]]]
+
+
+def _deeplab_results(rows: list[_DeepLabRow], section: str) -> tuple[PaperResult, ...]:
+    """``PaperResult``s of DeepLabV3-ResNet-101 rows ``(key, label, dataset, overlap, source, {task: cells})``."""
+    return tuple(PaperResult(method=key, label=label, network="DeepLabV3", task=task, old=old, new=new, all=all_,
+                             quoted=False, dataset=dataset, overlap=overlap, source=source, section=section)
+                 for key, label, dataset, overlap, source, cells in rows for task, (old, new, all_) in cells.items())
+
+
+README_RESULTS: Tuple[PaperResult, ...] = _deeplab_results(_README_ROWS, "docs/methods.md §5.4")
 """The DKD and STAR README numbers (DeepLabV3-ResNet-101), VOC overlapped / disjoint and ADE20K overlapped."""
 
-PAPER_RESULTS: Tuple[PaperResult, ...] = VOC_OVERLAPPED + README_RESULTS
+RCIL_SOURCE = ("zhangchbin/RCIL README (commit b9aad58): mIoU_all of the paper's tables (as on Papers with Code); old "
+               "for VOC 15-5 / 15-1 from an aggregator page; old / new not given where unverified (docs/methods.md §5.5)")
+
+NEST_SOURCE = ("NeST, ECCV 2024 (arXiv 2407.14142): mIoU_all of the paper's tables (through a paper note) where the "
+               "authors' per-class logs (zhengyuan-xie/ECCV24_NeST results/*.csv at 83894c3) give it to ±0.1, with the "
+               "logs' old / new; the other NeST cells are [verify] (docs/methods.md §5.5)")
+
+EWF_SOURCE = ("EWF, CVPR 2023: mIoU_all as tabulated by Cs2K (ECCV 2024), through a paper note [verify]; the EWF "
+              "paper's own tables could not be read; R-101 (docs/methods.md §5.5)")
+
+# Methods after 2022, from their papers and repositories (docs/methods.md §5.5).
+_POST_2022_ROWS: list[_DeepLabRow] = [
+    ("rcil", "RCIL", "voc", True, RCIL_SOURCE,
+     {"15-5": (78.8, None, 72.4), "15-1": (70.6, None, 59.4), "10-1": (None, None, 34.3),
+      "5-3": (None, None, 42.88)}),
+    ("rcil", "RCIL", "voc", False, RCIL_SOURCE,
+     {"15-5": (75.0, None, 67.3), "15-1": (None, None, 54.7), "10-1": (None, None, 18.2)}),
+    ("rcil", "RCIL", "ade", True, RCIL_SOURCE,
+     {"100-50": (None, None, 34.5), "100-10": (None, None, 32.1), "100-5": (None, None, 29.6),
+      "50-50": (None, None, 32.5)}),
+    ("mib+nest", "MiB+NeST", "voc", True, NEST_SOURCE, {"15-5": (77.09, 50.14, 70.7)}),
+    ("plop+nest", "PLOP+NeST", "voc", True, NEST_SOURCE, {"15-1": (72.21, 33.71, 63.1), "15-5": (77.61, 55.80, 72.4)}),
+    ("mib+nest", "MiB+NeST", "ade", True, NEST_SOURCE,
+     {"100-50": (40.28, 24.62, 35.1), "100-10": (40.21, 20.65, 33.7), "100-5": (39.94, 18.01, 32.7)}),
+    ("plop+nest", "PLOP+NeST", "ade", True, NEST_SOURCE, {"100-50": (42.18, 24.26, 36.3), "100-5": (39.35, 17.45, 32.0)}),
+]
+
+POST_2022_RESULTS: tuple[PaperResult, ...] = _deeplab_results(_POST_2022_ROWS, "docs/methods.md §5.5")
+"""Published numbers of the methods after 2022 (RCIL, EWF and NeST combinations; DeepLabV3-ResNet-101)."""
+
+PAPER_RESULTS: Tuple[PaperResult, ...] = VOC_OVERLAPPED + README_RESULTS + POST_2022_RESULTS
 """Every published row a run can be compared with."""
 
 
@@ -171,7 +208,7 @@ def find_paper_result(method: str, backbone: str, task: str, dataset: str = "voc
     """The published row for a run's method key, ``model.backbone``, task, dataset and protocol, or None.
 
     The SATS table has VOC overlapped rows for ``mit_b2`` (SegFormer-B2) and ``resnet101`` (DeepLabV3); the
-    DKD / STAR READMEs ``resnet101`` rows on VOC (both protocols) and ADE20K. N/A cells count as no match.
+    DKD / STAR READMEs and RCIL ``resnet101`` rows on VOC (both protocols) and ADE20K. N/A cells count as no match.
     """
     for row in PAPER_RESULTS:
         if (row.method == method and row.backbone == backbone and row.task == task and row.dataset == dataset

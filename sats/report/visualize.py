@@ -20,7 +20,8 @@ from sats.data.tasks import Task
 from sats.engine import results as results_io
 from sats.engine.data import ExperimentData
 from sats.engine.distributed import DistInfo
-from sats.methods.base import Method, build_method
+from sats.methods.addon import build_method
+from sats.methods.base import Method
 from sats.engine.rundir import RunDir, load_step_model
 from sats.models.segmenter import Segmenter
 from sats.data.overlay import colorize, denormalize
