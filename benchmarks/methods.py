@@ -111,6 +111,8 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # the demo's MiT (configs/_base_/models/mit_tiny.yaml)
     "mit_custom-demo": dict(backbone="mit_custom", embed_dims=[16, 32, 64, 128], depths=[2, 2, 2, 2],
                             num_heads=[1, 2, 4, 8], sr_ratios=[4, 2, 1, 1], decoder_dim=64, drop_path=0.0),
+    # MiT-B2 with activation checkpointing (model.checkpoint_activations: the memory switch)
+    "mit_b2-ckpt": dict(backbone="mit_b2", checkpoint_activations=True),
 }
 
 

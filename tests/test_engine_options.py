@@ -255,3 +255,26 @@ def test_stored_memory_without_image_classes_loads(tiny_synthetic, tmp_path):
     assert "image_classes" not in json.loads((tmp_path / "m.json").read_text())
     assert load_memory(tmp_path / "m.json", files, task, 1, 2).classes_of is None
     assert np.array_equal(memory.positions, np.arange(1, 16))
+
+
+def test_gpu_feeding_options_and_persistent_workers_keep_each_epochs_crops(tiny_run):
+    """On CUDA the training loader pins memory, prefetches and keeps its workers across epochs; a kept worker
+    still crops each item with its epoch's seed (the seed travels with the index), as a fresh one does."""
+    from torch.utils.data import DataLoader
+
+    from sats.engine.data import CUDA_PREFETCH, feeding
+
+    assert feeding(torch.device("cpu"), 2, persistent=True) == {"pin_memory": False}
+    assert feeding(torch.device("cuda"), 2, persistent=True) == {"pin_memory": True, "prefetch_factor": CUDA_PREFETCH,
+                                                                 "persistent_workers": True}
+    assert feeding(torch.device("cuda"), 0, persistent=True) == {"pin_memory": True}
+    cfg = tiny_run()
+    data = ExperimentData.build(cfg, _dist())
+    fresh = data.train_loader(1, False, cfg.train, _dist(), step_seed(42, 1))
+    kept = DataLoader(fresh.current.dataset, batch_size=4, sampler=fresh.current.sampler, num_workers=1,
+                      drop_last=True, persistent_workers=True)
+    for epoch in range(2):
+        fresh.set_epoch_seed(step_seed(42, 1, epoch))  # the sampler and dataset of both loaders
+        expected = [b.images for b in fresh]
+        got = [images for images, _ in kept]
+        assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected))

@@ -122,3 +122,25 @@ def test_shape_and_factor_errors_name_the_problem():
         pckd_loss([a, a], [a, a], [1.0, 1.0], [1.0, 1.0], num_classes_seen=2, num_new=1)
     with pytest.raises(ValueError, match="inconsistent"):
         pckd_loss([a, a], [a, a], [1.0, 1.0], [1.0], num_classes_seen=2, num_new=0)
+
+
+def test_box_averages_equal_pytorch_pooling_values_and_gradients():
+    """The summed-area-table pooling is avg_pool2d(k, 1, k // 2, count_include_pad=True), forward and backward."""
+    import torch.nn.functional as F
+
+    from sats.losses.pckd import box_averages
+
+    torch.manual_seed(0)
+    x = (torch.randn(2, 3, 17, 22) * 10).requires_grad_()
+    windows = [1, 3, 4, 8, 12, 24]  # odd, even, and wider than the map
+    mine = box_averages(x, windows)
+    reference = [F.avg_pool2d(x, k, stride=1, padding=k // 2, count_include_pad=True) for k in windows]
+    weights = [torch.randn_like(r) for r in reference]
+    for a, b in zip(mine, reference):
+        assert a.shape == b.shape and a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    g_mine = torch.autograd.grad(sum((a * w).sum() for a, w in zip(mine, weights)), x)[0]
+    g_ref = torch.autograd.grad(sum((b * w).sum() for b, w in zip(reference, weights)), x)[0]
+    torch.testing.assert_close(g_mine, g_ref, rtol=0, atol=1e-5)
+    double = torch.randn(1, 2, 6, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: tuple(box_averages(t, [3, 4])), (double,))

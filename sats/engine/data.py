@@ -86,11 +86,13 @@ class EpochShuffleSampler(Sampler[int]):
     def set_epoch_seed(self, seed: int) -> None:
         self.epoch_seed = seed
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        """``(index, epoch seed)`` pairs: the seed travels with the index, so data-loader workers that outlive
+        an epoch (``persistent_workers``) still augment each item with its epoch's seed."""
         g = torch.Generator().manual_seed(self.epoch_seed)
         order = torch.randperm(self.size, generator=g)
         per_rank = self.size // self.world
-        return iter(order[self.rank:per_rank * self.world:self.world].tolist())
+        return ((k, self.epoch_seed) for k in order[self.rank:per_rank * self.world:self.world].tolist())
 
     def __len__(self) -> int:
         return self.size // self.world
@@ -142,8 +144,10 @@ class SeededStepDataset(StepDataset):
     def set_epoch_seed(self, seed: int) -> None:
         self.epoch_seed = seed
 
-    def __getitem__(self, k: int) -> tuple[torch.Tensor, ...]:
-        self.transform.rng = random.Random(item_seed(self.epoch_seed, k))
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, ...]:
+        """Item ``k`` (``key``), or ``(k, epoch seed)`` as :class:`EpochShuffleSampler` yields it."""
+        k, seed = key if isinstance(key, tuple) else (key, self.epoch_seed)
+        self.transform.rng = random.Random(item_seed(seed, k))
         return super().__getitem__(k)
 
 
@@ -162,8 +166,22 @@ class JoinedStepDataset(SeededStepDataset):
     def lut_for(self, k: int) -> np.ndarray:
         return self.lut if k < self.num_current else self.memory_lut
 
-    def __getitem__(self, k: int) -> tuple[torch.Tensor, ...]:
-        return (*super().__getitem__(k), torch.tensor(k >= self.num_current))
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, ...]:
+        k = key[0] if isinstance(key, tuple) else key
+        return (*super().__getitem__(key), torch.tensor(k >= self.num_current))
+
+
+#: batches each data-loader worker prepares ahead on CUDA (PyTorch's default is 2)
+CUDA_PREFETCH = 4
+
+
+def feeding(device: torch.device, workers: int, persistent: bool) -> Dict[str, Any]:
+    """DataLoader options that keep a GPU fed: pinned memory, ``CUDA_PREFETCH`` batches ahead per worker, and
+    (``persistent``: a loader whose items carry their seed) workers kept across epochs. Nothing on a CPU."""
+    if device.type != "cuda":
+        return {"pin_memory": False}
+    extra = {"prefetch_factor": CUDA_PREFETCH, "persistent_workers": persistent} if workers > 0 else {}
+    return {"pin_memory": True, **extra}
 
 
 def _as_batch(item: Sequence[torch.Tensor], is_memory: Optional[torch.Tensor] = None) -> Batch:
@@ -317,9 +335,8 @@ class ExperimentData:
             raise DataError(f"step {step}: {len(ds)} training images cannot fill one batch of {batch} "
                             f"per process on {dist.world_size} process(es) (drop_last is on)")
         sampler = EpochShuffleSampler(len(ds), sampler_seed, dist.rank, dist.world_size)
-        pin = dist.device.type == "cuda"
         current = DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=d.workers,
-                             drop_last=train_cfg.drop_last, pin_memory=pin, persistent_workers=False)
+                             drop_last=train_cfg.drop_last, **feeding(dist.device, d.workers, persistent=True))
         if memory is None or joined:
             return TrainBatches(current)
         memory_batch = d.batch_size - batch
@@ -328,7 +345,7 @@ class ExperimentData:
         mem_sampler = MemorySampler(len(mem_ds), len(current) * memory_batch, sampler_seed, dist.rank,
                                     dist.world_size)
         mem_loader = DataLoader(mem_ds, batch_size=memory_batch, sampler=mem_sampler, num_workers=d.workers,
-                                drop_last=True, pin_memory=pin, persistent_workers=False)
+                                drop_last=True, **feeding(dist.device, d.workers, persistent=False))
         return TrainBatches(current, mem_loader)
 
     def extra_passes(self, step: int, joint: bool, dist: DistInfo, device: torch.device,
@@ -472,7 +489,7 @@ class ExperimentData:
         batch = 1 if d.eval_mode == "full" else d.eval_batch_size
         sampler = ShardedEvalSampler(len(ds), rank=dist.rank, world_size=dist.world_size)
         return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=d.workers,
-                          pin_memory=dist.device.type == "cuda")
+                          **feeding(dist.device, d.workers, persistent=False))
 
 
 def _check_files(d: DataConfig, train_files: SegmentationFiles, val_files: SegmentationFiles,

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -62,9 +63,59 @@ def pckd_spatial_distance(old: Tensor, new: Tensor, windows: Sequence[int] = PCK
     if not windows or any(int(k) < 1 for k in windows):
         raise ValueError(f"pckd_spatial_distance: windows must be positive ints, got {list(windows)}")
     difference = _squared_difference(old, new, "pckd_spatial_distance")
-    distances = [_image_norms_mean(F.avg_pool2d(difference, int(k), stride=1, padding=int(k) // 2,
-                                                count_include_pad=True)) for k in windows]  # the ≤ 6 windows
+    distances = [_image_norms_mean(pooled) for pooled in box_averages(difference, [int(k) for k in windows])]
     return torch.stack(distances).mean()
+
+
+def _summed_area_table(x: Tensor, before: int, after: int) -> Tensor:
+    """float64 ``T`` of ``x`` ``(B, C, H, W)`` zero-padded by ``before`` / ``after`` on both spatial axes, with a
+    leading zero row and column: ``T[a, b]`` = sum of the padded map's rows ``< a`` and columns ``< b``."""
+    padded = F.pad(x.double(), (before + 1, after, before + 1, after))
+    return padded.cumsum(-2).cumsum(-1)
+
+
+def _boxes(table: Tensor, offset: int, k: int, rows: int, cols: int) -> Tensor:
+    """The ``k × k`` box sums starting at ``offset`` (in the table's padded frame): ``(B, C, rows, cols)``."""
+    a, b = offset, offset + k
+    return (table[..., b:b + rows, b:b + cols] - table[..., a:a + rows, b:b + cols]
+            - table[..., b:b + rows, a:a + cols] + table[..., a:a + rows, a:a + cols])
+
+
+class _BoxAverages(torch.autograd.Function):
+    """``avg_pool2d(x, k, 1, k // 2, count_include_pad=True)`` for several ``k`` from summed-area tables, forward
+    and backward (the adjoint of a zero-padded box sum is a box sum of the gradient padded by ``k − 1 − k // 2``)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, windows: tuple[int, ...]) -> tuple[Tensor, ...]:  # type: ignore[override]
+        ctx.windows, ctx.dtype = windows, x.dtype
+        pad = max(k // 2 for k in windows)
+        height, width = x.shape[-2:]
+        table = _summed_area_table(x, pad, pad)
+        out = []
+        for k in windows:
+            rows, cols = height + 2 * (k // 2) - k + 1, width + 2 * (k // 2) - k + 1
+            out.append((_boxes(table, pad - k // 2, k, rows, cols) / (k * k)).to(x.dtype))
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Optional[Tensor]) -> tuple[Optional[Tensor], None]:  # type: ignore[override]
+        total: Optional[Tensor] = None
+        for k, grad in zip(ctx.windows, grads):
+            if grad is None:
+                continue
+            pad = k - 1 - k // 2
+            height, width = grad.shape[-2] + 2 * pad - k + 1, grad.shape[-1] + 2 * pad - k + 1
+            part = _boxes(_summed_area_table(grad, pad, pad), 0, k, height, width) / (k * k)
+            total = part if total is None else total + part
+        return (None if total is None else total.to(ctx.dtype)), None
+
+
+def box_averages(x: Tensor, windows: Sequence[int]) -> list[Tensor]:
+    """``avg_pool2d(x, k, stride=1, padding=k // 2, count_include_pad=True)`` of ``(B, C, H, W)`` for every ``k`` of
+    ``windows``: each box sum is 4 reads of one summed-area table whatever ``k`` (PyTorch's pooling adds ``k²``
+    values per output, and its backward as many), forward and backward. The tables are float64, so differences of
+    large prefix sums lose nothing at float32; results in ``x``'s dtype."""
+    return list(_BoxAverages.apply(x, tuple(int(k) for k in windows)))
 
 
 def pckd_channel_distance(old: Tensor, new: Tensor, window: int = 3) -> Tensor:
