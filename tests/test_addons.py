@@ -20,7 +20,8 @@ def test_the_two_spellings_give_one_canonical_section():
     by_name = validate_method_config({"name": "MiB+EWF", "lambda_kd": 10})
     assert by_list == by_name
     assert by_list["name"] == "mib" and by_list["addons"] == ["ewf"] and by_list["lambda_kd"] == 10.0
-    assert by_list["ewf"] == {"freeze_old_heads": True, "fuse_buffers": True, "threshold_fraction": None}
+    assert by_list["ewf"] == {"freeze_old_heads": True, "fuse_buffers": True, "threshold_fraction": None,
+                              "evaluate_unfused": False}
     assert "addons" not in validate_method_config({"name": "mib"})  # a plain method's section is unchanged
     assert validate_method_config({"name": "mib+ewf", "addons": ["ewf"]})["addons"] == ["ewf"]  # named once
 

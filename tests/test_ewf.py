@@ -174,3 +174,19 @@ def test_ft_with_ewf_keeps_the_old_model_without_running_it(tiny_run, monkeypatc
     assert method.uses_old_model and not method.old_forward and method.name == "ft+ewf"
     Runner(cfg).run()
     assert seen[1]["old"] is not None and set(seen[1]["old"]) < set(seen[1]["fused"])
+
+
+def test_the_unfused_model_can_be_tested_for_diagnosis(tiny_run, caplog):
+    """ewf.evaluate_unfused: the trained model's test mIoU is logged before the fusion; the recorded row is the
+    fused model's (a re-test of the checkpoint reproduces it)."""
+    import logging
+
+    cfg = tiny_run("mib+ewf", "demo/mib_ewf.yaml", **{"method.ewf.evaluate_unfused": True,
+                                                       "train.share_step0": False})
+    with caplog.at_level(logging.INFO, logger="sats"):
+        rows = Runner(cfg).run()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("EWF step")]
+    assert len(lines) == 1 and lines[0].startswith("EWF step 1: the trained (unfused) model tests at mIoU")
+    unfused = float(lines[0].split("mIoU ")[1].split(";")[0])
+    assert unfused != pytest.approx(rows[1]["miou"] * 100, abs=1e-6)  # the recorded row is the fused model's
+    assert retest_run(cfg.resolved_run_dir())

@@ -218,7 +218,8 @@ class Runner:
                           log_scalar=lambda name, value: None, data_digest=self.data.step_digest(t, self.joint),
                           cache=ArtifactCache(Path(self.cfg.data.cache_dir), self.device, self.dist.is_main),
                           rank=self.dist.rank, world_size=self.dist.world_size,
-                          all_agree=lambda flag: all_agree(flag, self.device), all_reduce_sum_=all_reduce_sum_)
+                          all_agree=lambda flag: all_agree(flag, self.device), all_reduce_sum_=all_reduce_sum_,
+                          evaluate=lambda m, kind: self._evaluate(m, t, kind))
         ctx.log_scalar = lambda name, value: self._scalar(f"step{t}/{name}", value, ctx.iteration)
         return ctx
 

@@ -74,6 +74,10 @@ class StepContext:
     all_agree: Callable[[bool], bool] = bool
     #: ``all_reduce_sum_(tensor)``: sum over ranks in place (statistics of a method's own pass)
     all_reduce_sum_: Callable[[Tensor], Tensor] = lambda tensor: tensor
+    #: ``evaluate(model, kind)``: the engine's evaluation of this step (``kind`` "test": the classes seen so far on
+    #: the test images; "val": the step's classes) → metrics with ``miou`` and ``class_iou``; every rank calls it.
+    #: None: not offered (e.g. in the benchmarks)
+    evaluate: Optional[Callable[[Any, str], Any]] = None
 
     def isolated_rng(self, name: str = "") -> ContextManager[None]:
         """A block with its own random streams, seeded by (``train.seed``, step, rank, ``name``); the training

@@ -12,6 +12,7 @@ Composes with any base method: ``method: {name: mib, addons: [ewf]}`` or ``--met
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional
@@ -22,6 +23,8 @@ from torch import Tensor
 from sats.methods.addon import AddOn, freeze_old_heads, register_addon
 from sats.methods.base import Method, StepContext
 
+log = logging.getLogger("sats")
+
 
 @dataclass
 class EWFParams:
@@ -30,6 +33,9 @@ class EWFParams:
     #: the code's unpublished ``--threshold_choice`` variant: only the entries that moved most (this fraction of
     #: all, ranked over every tensor) are fused, the others keep the new value; None: plain fusion (every script)
     threshold_fraction: Optional[float] = None
+    #: also test the trained, unfused model before the fusion (one more test pass per step; logged as
+    #: ``ewf/unfused_test_miou`` and in train.log, for diagnosis: what is recorded is always the fused model)
+    evaluate_unfused: bool = False
 
     def __post_init__(self) -> None:
         if self.threshold_fraction is not None and not 0 < self.threshold_fraction <= 1:
@@ -90,6 +96,13 @@ class EWF(AddOn):
             raise RuntimeError("EWF: no step t-1 model at a step > 0 (needs_old_model is set)")
         alpha = fusion_alpha(len(ctx.task.new_classes(ctx.step)), ctx.num_outputs)
         model = ctx.model
+        if self.params.evaluate_unfused:
+            if ctx.evaluate is None:
+                raise RuntimeError("EWF: ewf.evaluate_unfused needs the engine's evaluation (ctx.evaluate)")
+            unfused = ctx.evaluate(model, "test").miou
+            ctx.log_scalar("ewf/unfused_test_miou", unfused)
+            log.info("EWF step %d: the trained (unfused) model tests at mIoU %.2f; fusing with alpha %.4f",
+                     ctx.step, unfused * 100, alpha)
         buffers = frozenset(name for name, _ in model.named_buffers())
         new = model.state_dict()
         fused = fuse_states(ctx.old_model.state_dict(), new, alpha, frozenset() if self.params.fuse_buffers
