@@ -60,7 +60,7 @@ def _label(name: str) -> str:
 
     try:
         return build_method({"name": name}).label
-    except (ConfigError, ValueError):
+    except ValueError:  # ConfigError included: not a method name
         return name
 
 

@@ -26,7 +26,7 @@ import yaml
 
 from sats.engine import results as results_io
 from sats.engine.checkpoint import load_checkpoint, save_checkpoint
-from sats.engine.rundir import RunDir, RunError
+from sats.engine.rundir import RunDir
 from sats.io import write_text_atomic
 
 __all__ = ["HubError", "export_run", "import_run", "model_card", "pull", "push"]
@@ -187,7 +187,4 @@ def pull(repo_id: str, run_dir: Path, revision: Optional[str] = None, token: Opt
         folder = hub.snapshot_download(repo_id, revision=revision, token=token, repo_type="model")
     except (OSError, ValueError) as exc:  # the Hub's HTTP, offline and not-found errors are OSErrors
         raise HubError(f"could not download {repo_id!r} from the Hugging Face Hub: {exc}") from exc
-    try:
-        return import_run(Path(folder), Path(run_dir))
-    except RunError as exc:
-        raise HubError(str(exc)) from exc
+    return import_run(Path(folder), Path(run_dir))

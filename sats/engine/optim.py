@@ -47,7 +47,7 @@ def build_optimizer(params: Union[Iterable[torch.nn.Parameter], Sequence[ParamGr
         raise ValueError("the method hands no trainable parameter to the optimiser")
     groups: Any = items
     kernels = {"auto": {}, "foreach": {"foreach": True}, "fused": {"fused": True}, "loop": {"foreach": False}}
-    impl = kernels[getattr(cfg, "optimizer_impl", "auto")]
+    impl = kernels[cfg.optimizer_impl]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
                                weight_decay=cfg.weight_decay, **impl)

@@ -107,7 +107,8 @@ class EWF(AddOn):
         new = model.state_dict()
         fused = fuse_states(ctx.old_model.state_dict(), new, alpha, frozenset() if self.params.fuse_buffers
                             else buffers, self.params.threshold_fraction)
-        moved = sum(float((fused[k].float() - new[k].float()).pow(2).sum()) for k in fused if fused[k] is not new[k])
+        shifts = [(fused[k].float() - new[k].float()).pow(2).sum() for k in fused if fused[k] is not new[k]]
+        moved = float(torch.stack(shifts).sum()) if shifts else 0.0  # one host sync, not one per tensor
         model.load_state_dict(fused)
         ctx.log_scalar("ewf/alpha", alpha)
         ctx.log_scalar("ewf/fusion_shift_l2", math.sqrt(moved))
