@@ -7,3 +7,15 @@
 
 Results (JSON and markdown) go to ``benchmarks/results/``; see ``benchmarks/README.md``.
 """
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def write_results(out: Path, payload: Any, markdown: str) -> None:
+    """``out`` (JSON of ``payload``) and the markdown beside it (``.md``); prints both paths."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown)
+    print(f"wrote {out} and {out.with_suffix('.md')}")

@@ -12,6 +12,7 @@ Commands:
 * ``sdpa``: MiT's attention core, fused SDPA vs the explicit softmax path — :mod:`benchmarks.sdpa`;
 * ``dataloader``: the training data pipeline's images/s per worker on VOC-sized files — :mod:`benchmarks.dataloader`;
 * ``optimizer``: the optimiser step per kernel (``train.optimizer_impl``) — :mod:`benchmarks.optim`;
+* ``allocator``: page faults and time with the host allocator tuned or not (``SATS_HOST_ALLOCATOR``) — :mod:`benchmarks.allocator`;
 * ``scan``: the one-off mask scan (content fingerprints, class presence) at ADE20K's scale — :mod:`benchmarks.scan`;
 * ``all``: cost, scaling, confusion and accuracy with their defaults (long on a CPU).
 
@@ -28,7 +29,7 @@ from typing import Any, Optional
 
 MODULES = {"cost": "methods", "scaling": "scaling", "accuracy": "accuracy", "confusion": "confusion",
            "models": "models", "attention": "attention_loss", "sdpa": "sdpa", "dataloader": "dataloader",
-           "scan": "scan", "optimizer": "optim"}
+           "scan": "scan", "optimizer": "optim", "allocator": "allocator"}
 
 
 def _command(name: str) -> Callable[[Optional[Sequence[str]]], Any]:

@@ -82,6 +82,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from sats.allocator import tune_host_allocator  # noqa: E402
 from sats.config import ExperimentConfig, TrainConfig  # noqa: E402
 from sats.experiment import load_experiment  # noqa: E402
 from sats.data.tasks import Task, get_task  # noqa: E402
@@ -435,6 +436,7 @@ class _Bench:
 
 def measure(spec: Spec) -> dict[str, Any]:
     """Every figure of one configuration (one process); see the module docstring."""
+    allocator = tune_host_allocator()  # as `sats train` does; SATS_HOST_ALLOCATOR=system measures the defaults
     if spec.threads > 0:
         torch.set_num_threads(spec.threads)
     device = torch.device(spec.device)
@@ -493,6 +495,7 @@ def measure(spec: Spec) -> dict[str, Any]:
     return {
         **{k: v for k, v in asdict(spec).items() if k != "profile_dir"},
         "step": t,
+        "host_allocator": allocator,
         "head_sizes": method.model_head_sizes(task, t),
         "num_outputs": task.num_outputs(t),
         "needs": sorted(method.needs_at(t)),

@@ -60,6 +60,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import write_results  # noqa: E402
+from sats.allocator import tune_host_allocator  # noqa: E402
 from sats.models import ModelConfig, build_segmenter  # noqa: E402
 
 
@@ -109,6 +111,7 @@ def forward_gflop(model: torch.nn.Module, x: torch.Tensor, need: set) -> float:
 def measure(backbone: str, size: int, attentions: bool, batch: int, iters: int, warmup: int, device: torch.device,
             amp: bool, option: str = "plain") -> dict[str, Any]:
     """Time and memory of one configuration (see the module docstring)."""
+    allocator = tune_host_allocator()  # as `sats train` does; SATS_HOST_ALLOCATOR=system measures the defaults
     switches = set(option.split("+"))
     unknown = switches - set(OPTIONS)
     if unknown:
@@ -179,6 +182,7 @@ def measure(backbone: str, size: int, attentions: bool, batch: int, iters: int, 
         "train_peak_mb": round(train_peak, 1),
         "params_m": round(sum(p.numel() for p in plain_model.parameters()) / 1e6, 3),
         "option": option,
+        "host_allocator": allocator,
         "forward_gflop": round(gflop, 4),
         "train_gflops": round(3 * gflop / (train_ms / 1000), 1),
         "memory_measure": "cuda max_memory_allocated - allocated before" if device.type == "cuda" else "cpu peak RSS growth (getrusage)",
@@ -277,10 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "results": sorted(results.values(), key=key),
     }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(payload, indent=2) + "\n")
-    out_path.with_suffix(".md").write_text(models_markdown(payload))
-    print(f"wrote {out_path} and {out_path.with_suffix('.md')}")
+    write_results(out_path, payload, models_markdown(payload))
     return 0
 
 

@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks import write_results  # noqa: E402
 from sats.data.datasets import SegmentationFiles  # noqa: E402
 from sats.data.splits import class_presence  # noqa: E402
 
@@ -111,10 +112,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             print(json.dumps(rows[-1]), flush=True)
     payload = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                "write_s": round(write_s, 1), "mean_kpixels": kpix, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(scan_markdown(payload))
-    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    write_results(args.out, payload, scan_markdown(payload))
     return payload
 
 

@@ -33,6 +33,8 @@ import traceback
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from sats.allocator import tune_host_allocator
+
 log = logging.getLogger("sats")
 
 
@@ -685,6 +687,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if extra and args.command not in ("train", "config", "demo", "data", "bench", "weights"):
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
     try:
+        logging.getLogger("sats").debug(tune_host_allocator())  # before the first large tensor (sats/allocator.py)
         return args.func(args, extra)
     except RunInterrupted as exc:  # SIGINT/SIGTERM: the state is saved; the message says how to resume
         _log_to_files(logging.WARNING, str(exc), None)

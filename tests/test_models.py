@@ -240,6 +240,38 @@ def test_segformer_head_order_bilinear_and_bn():
     assert isinstance(head.dropout, torch.nn.Dropout2d) and head.dropout.p == 0.1
 
 
+@pytest.mark.parametrize("head_type, order, mode", [(SimpleHead, [0, 1, 2, 3], "nearest"),
+                                                     (SegFormerHead, [3, 2, 1, 0], "bilinear")])
+@pytest.mark.parametrize("sides, extra_width", [((16, 8, 4, 2), 0), ((9, 5, 3, 2), 1)])
+def test_head_fuses_per_stage_as_the_concatenation_would(head_type, order, mode, sides, extra_width):
+    """The composed per-stage fuse equals fuse(cat(up(proj))) in value and in every parameter's gradient:
+    on MiT's power-of-two stage grids (the broadcast upsampling) and on uneven ones (F.interpolate)."""
+    torch.manual_seed(0)
+    head = head_type([3, 4, 5, 6], dim=7).eval()
+    fuse = head.fuse
+    with torch.no_grad():
+        if fuse.bias is not None:
+            fuse.bias.normal_()
+    feats = [torch.randn(2, c, n, n + extra_width, dtype=torch.float64, requires_grad=True)
+             for c, n in zip([3, 4, 5, 6], sides)]
+    head = head.double()
+    fused = head(feats)
+    size = feats[0].shape[-2:]
+    maps = [F.interpolate(proj(f), size=size, mode=mode) if mode == "nearest" else
+            F.interpolate(proj(f), size=size, mode=mode, align_corners=False) for proj, f in zip(head.proj, feats)]
+    reference = fuse(torch.cat([maps[s] for s in order], dim=1))
+    if head_type is SegFormerHead:
+        reference = F.relu(head.fuse_bn(reference))
+    assert fused.shape == (2, 7, sides[0], sides[0] + extra_width)
+    torch.testing.assert_close(fused, reference)
+    weights = torch.randn_like(fused)
+    params = [*head.parameters(), *feats]
+    grads = torch.autograd.grad((fused * weights).sum(), params)
+    reference_grads = torch.autograd.grad((reference * weights).sum(), params)
+    for grad, reference_grad in zip(grads, reference_grads, strict=True):
+        torch.testing.assert_close(grad, reference_grad)
+
+
 def test_aspp_eval_pooling_window_and_global_mean():
     aspp = ASPP(in_channels=2, dim=4, hidden=4, dilations=(1, 2, 3), activation="relu").eval()
     x = torch.rand(1, 2, 40, 40)

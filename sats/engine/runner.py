@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from sats.allocator import tune_host_allocator
 from sats.config import ConfigError, ExperimentConfig, config_to_dict
 from sats.data.tasks import Task
 from sats.engine import results as results_io
@@ -86,6 +87,7 @@ class Runner:
             if self.dist.is_main:
                 self.rundir.record_config(cfg)
                 self.rundir.attach_log()
+                log.info(tune_host_allocator())  # applied at start-up by `sats`; recorded in train.log
                 self.rundir.remove_stale_temp_files()
                 self.rundir.ckpt_dir.mkdir(parents=True, exist_ok=True)
                 self.rundir.warn_if_data_changed(self.data.fingerprint())

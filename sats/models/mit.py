@@ -51,6 +51,16 @@ class EncoderOutput(NamedTuple):
     attentions: list[Tensor] | None
 
 
+def tokens_to_map(x: Tensor, h: int, w: int) -> Tensor:
+    """``(B, N=h·w, C)`` -> ``(B, C, h, w)`` as a channels-last view: no copy (convs take either layout)."""
+    return x.unflatten(1, (h, w)).permute(0, 3, 1, 2)
+
+
+def map_to_tokens(x: Tensor) -> Tensor:
+    """``(B, C, h, w)`` -> ``(B, h·w, C)``; a view when ``x`` is channels-last, one copy otherwise."""
+    return x.permute(0, 2, 3, 1).flatten(1, 2)
+
+
 class DropPath(nn.Module):
     """Stochastic depth: zero a residual branch per sample with probability ``p`` (train mode only)."""
 
@@ -80,7 +90,7 @@ class OverlapPatchEmbed(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, int, int]:
         x = self.proj(x)
         h, w = x.shape[-2:]
-        return self.norm(x.flatten(2).transpose(1, 2)), h, w
+        return self.norm(map_to_tokens(x)), h, w
 
 
 class EfficientSelfAttention(nn.Module):
@@ -107,7 +117,7 @@ class EfficientSelfAttention(nn.Module):
         q = self.q(x).reshape(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
         reduced = x
         if self.sr_ratio > 1:
-            reduced = self.sr(x.transpose(1, 2).reshape(batch, dim, h, w)).flatten(2).transpose(1, 2)
+            reduced = map_to_tokens(self.sr(tokens_to_map(x, h, w)))
             reduced = self.norm(reduced)
         kv = self.kv(reduced).reshape(batch, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)  # (B, heads, M, d) each
@@ -134,8 +144,7 @@ class DepthwiseConv(nn.Module):
         self.dwconv: nn.Module = RCConv(conv) if rc_branches else conv()
 
     def forward(self, x: Tensor, h: int, w: int) -> Tensor:
-        batch, _, dim = x.shape
-        return self.dwconv(x.transpose(1, 2).reshape(batch, dim, h, w)).flatten(2).transpose(1, 2)
+        return map_to_tokens(self.dwconv(tokens_to_map(x, h, w)))
 
 
 class MixFFN(nn.Module):
@@ -224,7 +233,6 @@ class MixTransformer(nn.Module):
         """``x (B, 3, H, W)`` -> stage maps ``(B, C_s, H/2^(s+1), W/2^(s+1))`` and optional attentions."""
         outputs: list[Tensor] = []
         maps: list[Tensor] = []
-        batch = x.shape[0]
         for stage in range(1, 5):
             tokens, h, w = getattr(self, f"patch_embed{stage}")(x)
             blocks = getattr(self, f"block{stage}")
@@ -237,8 +245,8 @@ class MixTransformer(nn.Module):
                 else:
                     tokens, probs = block(tokens, h, w, want)
             tokens = getattr(self, f"norm{stage}")(tokens)
-            x = tokens.reshape(batch, h, w, -1).permute(0, 3, 1, 2).contiguous()
-            outputs.append(x)
+            x = tokens_to_map(tokens, h, w)  # the next patch embed reads this channels-last view
+            outputs.append(x.contiguous())
             if probs is not None:
                 maps.append(probs)
         return EncoderOutput(features=outputs, stages=outputs, attentions=maps if attentions else None)
