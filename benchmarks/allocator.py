@@ -5,8 +5,8 @@ Usage (from the repository root)::
     python -m benchmarks allocator                 # both settings, each in a fresh process, 1 thread
     python -m benchmarks allocator --with-step     # + SATS's training step at 512 px against its bound (slow)
 
-Each measurement runs in a fresh process per setting (the C library's options and PyTorch's huge-page switch are
-per process, and one block's heap must not shape the next one's):
+Each measurement runs in a fresh process per setting (the C library's options are per process, and one block's
+heap must not shape the next one's):
 
 * ``pattern``: 60 rounds of 4 live and 6 temporary tensors of 1–60 MiB (sizes from a fixed seed): wall time,
   minor page faults, peak RSS;
@@ -14,12 +14,12 @@ per process, and one block's heap must not shape the next one's):
   backward: the explicit softmax path SATS reads vs the fused SDPA kernel;
 * ``losses``: the 512-px loss blocks of PLOP/SATS on ``(2, 21, 512, 512)`` logits (16 old channels): entropy
   pseudo-labels + CE + UNKD (forward + backward), and SATS's attention loss on the 4 stage maps;
-* ``sats_step`` (``--with-step``): SATS's training iteration on MiT-B2 at 512 px, batch 2 (VOC 15-5 step 1, the
-  ``cost`` benchmark's set-up), interleaved with FT's iteration and the old model's forward: the median ratio to the
-  bound over 3 rounds, and the process's peak RSS.
+* ``sats_step`` (``--with-step``): SATS's training iteration on MiT-B2 at 512 px, batch 2, VOC 15-5 step 1, measured
+  by the ``cost`` benchmark (:func:`benchmarks.methods.measure`: interleaved with FT's iteration and the old model's
+  forward; its ratio to that bound) and the process's peak RSS.
 
 Medians of 7 rounds; faults are those of the timed rounds. Results: ``benchmarks/results/allocator-cpu.{json,md}``;
-the training-step figures with each setting are in ``methods-cpu.md`` (``host_allocator`` column of the JSON).
+every ``cost`` row also records its setting (``host_allocator`` in ``methods-cpu.json``).
 """
 
 from __future__ import annotations
@@ -89,23 +89,14 @@ def measure(setting: str, block: str) -> dict[str, Any]:
         return {"setting": setting, "state": state, "block": block, **figures}
 
     if block == "sats_step":
-        from benchmarks.methods import Spec, _Bench
+        from benchmarks.methods import Spec
+        from benchmarks.methods import measure as measure_cost
 
-        bench = _Bench(Spec(backbone="mit_b2", size=512, method="sats", batch=2, dataset="voc", task="15-5", step=1,
-                            iters=3, warmup=1, device="cpu", amp="off", threads=1, optimizer="sgd", profile_dir=None))
-        method_step, _ = bench.method_step()
-        phases = {"ft": bench.ft_step(), "old": bench.old_forward(), "sats": method_step}
-        times: dict[str, list[float]] = {name: [] for name in phases}
-        for fn in phases.values():
-            fn()
-        for _ in range(3):
-            for name, fn in phases.items():
-                tic = time.perf_counter()
-                fn()
-                times[name].append((time.perf_counter() - tic) * 1000)
-        ratios = [s / (f + o) for s, f, o in zip(times["sats"], times["ft"], times["old"])]
-        return {"setting": setting, "state": state, "block": block, "ratio": round(statistics.median(ratios), 3),
-                **{f"{name}_ms": round(statistics.median(v)) for name, v in times.items()},
+        row = measure_cost(Spec(backbone="mit_b2", size=512, method="sats", batch=2, dataset="voc", task="15-5",
+                                step=1, iters=3, warmup=1, device="cpu", amp="off", threads=1, optimizer="sgd",
+                                profile_dir=None))
+        return {"setting": setting, "state": state, "block": block, "ratio": round(row["ratio"], 3),
+                "sats_ms": round(row["train_ms"]), "ft_ms": round(row["ft_ms"]), "old_ms": round(row["old_forward_ms"]),
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
 
     if block.startswith("attention"):

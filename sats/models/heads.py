@@ -36,6 +36,20 @@ def _upsample(x: Tensor, size: torch.Size, mode: str) -> Tensor:
     return F.interpolate(x, size=size, mode=mode, **({} if mode == "nearest" else {"align_corners": False}))
 
 
+def fuse_stages(features: list[Tensor], proj: nn.ModuleList, fuse: nn.Module, order: list[int], mode: str) -> Tensor:
+    """``fuse(cat_{s in order}(up(proj_s(f_s))))``: the all-MLP heads' projection, upsampling and fusion.
+
+    ``features[s] (B, C_s, h_s, w_s)`` -> ``(B, D, h_1, w_1)``; ``order``: the stages in concatenation order; ``mode``:
+    ``nearest`` or ``bilinear``. A plain conv fuse goes through :func:`project_and_fuse` (no concatenation); an RC fuse
+    (RCIL's twin branches, which mix per output channel) reads the concatenation.
+    """
+    if isinstance(fuse, nn.Conv2d):
+        return project_and_fuse(features, proj, fuse, order, mode)
+    maps = [_upsample(stage_proj(feature), features[0].shape[-2:], mode)
+            for stage_proj, feature in zip(proj, features, strict=True)]
+    return fuse(torch.cat([maps[stage] for stage in order], dim=1))
+
+
 def project_and_fuse(features: list[Tensor], proj: nn.ModuleList, fuse: nn.Conv2d, order: list[int],
                      mode: str) -> Tensor:
     """``fuse(cat_{s in order}(up(proj_s(f_s))))`` computed as ``Σ_s up((W_f,s·W_p,s) f_s + W_f,s·b_p,s) + b_f``.
@@ -44,7 +58,6 @@ def project_and_fuse(features: list[Tensor], proj: nn.ModuleList, fuse: nn.Conv2
     nearest / bilinear upsampling (weights summing to 1) per channel, so each stage's slice ``W_f,s`` of the fuse
     conv is composed with its projection and applied at the stage's own resolution. No ``(B, 4·D, h_1, w_1)``
     concatenation and no ``4·D → D`` conv at stride 4 (about 17 of MiT-B2's 85 forward GFLOP at 512 px).
-    ``features[s] (B, C_s, h_s, w_s)`` -> ``(B, D, h_1, w_1)``; ``order``: the stages in concatenation order.
     """
     dim = proj[0].out_channels
     fuse_weight = fuse.weight.flatten(1)  # (D, 4·D)
@@ -85,7 +98,7 @@ class SimpleHead(nn.Module):
     conv with bias to ``D``. No BN, no activation, no dropout. Upsampling goes
     to the stage-1 size rather than by a factor ``2^(s-1)``: identical when the
     input side is a multiple of 32, and still defined when it is not. Computed
-    without the concatenation (:func:`project_and_fuse`) unless the fuse is RC.
+    without the concatenation unless the fuse is RC (:func:`fuse_stages`).
     """
 
     def __init__(self, in_channels: list[int], dim: int = 256, rc_branches: bool = False) -> None:
@@ -100,11 +113,7 @@ class SimpleHead(nn.Module):
 
     def forward(self, features: list[Tensor]) -> Tensor:
         """``features`` at strides 4/8/16/32 -> ``(B, D, h_1, w_1)``."""
-        if isinstance(self.fuse, nn.Conv2d):
-            return project_and_fuse(features, self.proj, self.fuse, [0, 1, 2, 3], "nearest")
-        maps = [_upsample(proj(feature), features[0].shape[-2:], "nearest")
-                for proj, feature in zip(self.proj, features, strict=True)]
-        return self.fuse(torch.cat(maps, dim=1))
+        return fuse_stages(features, self.proj, self.fuse, [0, 1, 2, 3], "nearest")
 
 
 class SegFormerHead(nn.Module):
@@ -114,8 +123,8 @@ class SegFormerHead(nn.Module):
     (align_corners False) to the stage-1 grid, concatenation in the official
     order 4→1, then 1×1 conv (no bias) + BN + ReLU and ``Dropout2d(0.1)`` (as in
     the mmseg implementation). The ReLU is the official one and does not follow
-    ``ModelConfig.activation``. Computed without the concatenation
-    (:func:`project_and_fuse`) unless the fuse is RC.
+    ``ModelConfig.activation``. Computed without the concatenation unless the
+    fuse is RC (:func:`fuse_stages`).
     """
 
     def __init__(self, in_channels: list[int], dim: int = 256, norm: str = "bn", dropout: float = 0.1,
@@ -136,12 +145,7 @@ class SegFormerHead(nn.Module):
 
     def forward(self, features: list[Tensor]) -> Tensor:
         """``features`` at strides 4/8/16/32 -> ``(B, D, h_1, w_1)``."""
-        if isinstance(self.fuse, nn.Conv2d):
-            fused = F.relu(self.fuse_bn(project_and_fuse(features, self.proj, self.fuse, [3, 2, 1, 0], "bilinear")))
-            return self.dropout(fused)
-        maps = [_upsample(proj(feature), features[0].shape[-2:], "bilinear")
-                for proj, feature in zip(self.proj, features, strict=True)]
-        fused = F.relu(self.fuse_bn(self.fuse(torch.cat(maps[::-1], dim=1))))
+        fused = F.relu(self.fuse_bn(fuse_stages(features, self.proj, self.fuse, [3, 2, 1, 0], "bilinear")))
         return self.dropout(fused)
 
 
