@@ -10,8 +10,8 @@ fault per 4 KiB page the first time it is written, in every iteration (``benchma
 (no block is mapped on its own: large ones come from the heap too) and ``mallopt(M_TRIM_THRESHOLD, -1)`` (freed
 memory stays in the process for the next iteration). Measured on a pattern of 4 live and 6 temporary tensors of
 1–60 MiB per iteration: 4.5× faster, 22× fewer faults, the same peak RSS (``allocator-cpu.md``); on SATS's training
-step at 512 px (MiT-B2, batch 2) three paired runs read 1.22 → 1.08, 1.17 → 1.07 and 1.20 → 1.19× its bound
-(``goals-cpu.md``: this shared machine's noise is of that order). (PyTorch's own huge-page path,
+step at 512 px (MiT-B2, batch 2) paired runs read 1.22 → 1.08, 1.17 → 1.07, 1.20 → 1.19 and 1.34 → 1.19× its bound
+(``goals-cpu.md``: this shared machine's noise is of that order), with the step's peak RSS up 5–16 %. (PyTorch's own huge-page path,
 ``THP_MEM_ALLOC_ENABLE=1``, removes even more faults on the pattern but measured 1.12 / 1.15× with +750 MB of
 RSS on the step, so it is not used.) ``SATS_HOST_ALLOCATOR=system`` keeps the C library's defaults; on another C
 library (macOS, musl) nothing is changed.
